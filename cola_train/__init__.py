@@ -1,0 +1,2 @@
+"""cola_train: CoLA, Chain of LoRA and their baselines, one Hydra command per run."""
+__version__ = "0.1.0"

@@ -1,0 +1,195 @@
+"""Typed schemas for every config group.
+
+Hydra merges each group's YAML into these dataclasses, so a misspelt key or a value of the
+wrong type fails at compose time with a message naming the key. Cross-field rules that a type
+cannot express live in `validate`, which the run calls before touching a model or a file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A bad value in the composed config: printed as one line, never as a traceback."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2_135m"
+    family: str = "llama"                      # llama | opt: picks default target modules
+    hub_id: Optional[str] = None               # e.g. meta-llama/Llama-3.1-8B
+    path: Optional[str] = None                 # local dir (overrides hub_id)
+    gguf_file: Optional[str] = None            # file name inside `path` (or a package spec, see models.py)
+    gguf_package: Optional[str] = None         # python package that ships the GGUF file
+    random_init: bool = False                  # build from `arch` with random weights (tests)
+    arch: Dict[str, Any] = field(default_factory=dict)   # AutoConfig kwargs for random_init
+    tokenizer: Optional[str] = None            # hub id / dir; "bytes" = built-in byte tokenizer
+    target_modules: List[str] = field(default_factory=list)
+    dtype: str = "auto"                        # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    # lora | dora | pissa go through PEFT; cola / hydralora / mole are ours; none = full fine-tuning
+    kind: str = "peft"                         # none | peft | cola | hydralora | mole | chain
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None  # None: the model's own list
+    init: str = "lora"                         # lora (Kaiming A, zero B) | pissa
+    use_dora: bool = False
+    # CoLA
+    strategy: str = "fully"                    # fully | random | heuristic
+    num_A: int = 1
+    num_B: int = 1
+    impl: str = "fused"                        # fused | loop (the per-pair oracle)
+    # MoLE
+    balance_coef: float = 0.01
+    expert_paths: List[str] = field(default_factory=list)
+    freeze_experts: bool = False
+    # Chain of LoRA: a schedule around another adapter (`base`)
+    base: str = "lora"
+    links: int = 1
+    link_fractions: Optional[List[float]] = None
+    rank_schedule: Optional[List[int]] = None
+    restart_lr: bool = True
+
+
+@dataclass
+class DataSource:
+    name: str = ""
+    file: Optional[str] = None                 # relative to data.root
+    hub_id: Optional[str] = None
+    split: str = "train"
+    columns: Dict[str, str] = field(default_factory=dict)  # our field -> dataset column
+
+
+@dataclass
+class DataConfig:
+    domain: str = "math"
+    root: Optional[str] = None                 # default: $COLA_DATA_ROOT
+    sources: List[DataSource] = field(default_factory=list)
+    skip_missing: bool = False                 # drop sources missing offline instead of stopping
+    fraction: float = 1.0
+    max_samples: Optional[int] = 1000
+    val_fraction: float = 0.1                  # held out from the pool, same for every seed
+    max_val_samples: int = 200
+    cutoff_len: int = 1024
+    template: str = "chat"                     # chat (model's template, fallback plain) | plain
+
+
+@dataclass
+class TrainerConfig:
+    epochs: float = 5.0
+    max_steps: int = -1
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    precision: str = "auto"                    # auto | bf16 | fp16 | fp32
+    logging_steps: int = 10
+    eval_steps: int = 0                        # 0: evaluate at the end only
+    save_steps: int = 0                        # 0: save at the end only
+    save_total_limit: int = 2
+    resume: bool = False
+    devices: int = 1
+    num_workers: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"                         # wandb | none
+    mode: str = "offline"                      # online | offline | disabled
+    project: str = "cola_train"
+    entity: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    benchmark: Optional[str] = None            # None: the domain's benchmark
+    before: bool = False
+    subjects: Optional[List[str]] = None
+    max_examples: Optional[int] = None
+    batch_size: int = 16
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "none"
+    config: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    seed: int = 42
+    output_dir: Optional[str] = None           # default: Hydra's run dir
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+_CHOICES = {
+    "method.kind": ("none", "peft", "cola", "hydralora", "mole", "chain"),
+    "method.strategy": ("fully", "random", "heuristic"),
+    "method.init": ("lora", "pissa"),
+    "method.impl": ("fused", "loop"),
+    "data.template": ("chat", "plain"),
+    "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("online", "offline", "disabled"),
+}
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part) if not isinstance(cfg, dict) else cfg[part]
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Cross-field checks that types cannot express; raise ConfigError with one line."""
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    d, t, m = cfg.data, cfg.trainer, cfg.method
+    if not 0 < d.fraction <= 1:
+        raise ConfigError(f"data.fraction={d.fraction} is outside (0, 1]")
+    if d.max_samples is not None and d.max_samples < 1:
+        raise ConfigError(f"data.max_samples={d.max_samples} must be >= 1 (or null for all)")
+    if d.cutoff_len < 8:
+        raise ConfigError(f"data.cutoff_len={d.cutoff_len} must be >= 8")
+    for key in ("batch_size", "grad_accum", "devices"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+    if t.lr <= 0:
+        raise ConfigError(f"trainer.lr={t.lr} must be > 0")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError(f"trainer.epochs={t.epochs} must be > 0 when trainer.max_steps <= 0")
+    if m.kind != "none":
+        for key in ("r", "num_A", "num_B"):
+            if getattr(m, key) < 1:
+                raise ConfigError(f"method.{key}={getattr(m, key)} must be >= 1")
+        if m.alpha <= 0:
+            raise ConfigError(f"method.alpha={m.alpha} must be > 0")
+        if not 0 <= m.dropout < 1:
+            raise ConfigError(f"method.dropout={m.dropout} is outside [0, 1)")

@@ -1,0 +1,41 @@
+"""Known bad input ends a run with one line on stderr and exit code 2, never a traceback.
+
+In a sweep the failing job records `results.json` with status "failed" and the reason, and the
+sweep goes on: the report lists it as failed instead of averaging it in.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .adapters import AdapterError
+    from .config import ConfigError
+    from .data import DataError
+    from .trainer import NonFiniteLossError
+
+    errors = [ConfigError, DataError, AdapterError, NonFiniteLossError]
+    try:
+        from .eval import EvalDataError
+
+        errors.append(EvalDataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def run_guarded(fn, out: Path | None = None, exit_on_error: bool = True):
+    try:
+        return fn()
+    except user_errors() as err:
+        logging.getLogger("cola_train").error("%s", err)
+        if out is not None and out.is_dir():
+            from .results import write_json_atomic
+
+            write_json_atomic(out / "results.json", {"status": "failed", "error": str(err)})
+        if exit_on_error:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return None

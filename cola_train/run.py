@@ -1,0 +1,150 @@
+"""One run, in the order of the paper's experiment: seed → model → adapter → data → train →
+evaluate → results.json. Every step is a plain function call; read it top to bottom."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from . import adapters
+from .config import Config, ConfigError, validate
+from .data import load_domain_records, split_train_val, tokenize_records
+from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules
+from .results import write_json_atomic
+
+log = logging.getLogger("cola_train")
+
+
+def run_name(cfg) -> str:
+    return f"{cfg.method.name}-{cfg.data.domain}-{cfg.model.name}-n{cfg.data.max_samples}-f{cfg.data.fraction}-s{cfg.seed}"
+
+
+def _precision(cfg) -> dict:
+    p = cfg.trainer.precision
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_available() else "fp32"
+    return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+def _setup_logger(cfg, out: Path) -> list[str]:
+    if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+        os.environ.setdefault("WANDB_DISABLED", "true")
+        return []
+    mode = cfg.logger.mode
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        log.warning("WANDB_API_KEY is not set: logging to W&B offline (wandb sync later)")
+        mode = "offline"
+    os.environ.update(WANDB_MODE=mode, WANDB_PROJECT=cfg.logger.project, WANDB_DIR=str(out))
+    if cfg.logger.entity:
+        os.environ["WANDB_ENTITY"] = cfg.logger.entity
+    return ["wandb"]
+
+
+def training_arguments(cfg, out: Path, report_to: list[str]):
+    from transformers import TrainingArguments
+
+    t = cfg.trainer
+    save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps > 0 else {"save_strategy": "epoch"}
+    evals = {"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps > 0 else {"eval_strategy": "no"}
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"), run_name=run_name(cfg), report_to=report_to,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
+        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, save_total_limit=t.save_total_limit, seed=cfg.seed,
+        data_seed=cfg.seed, dataloader_num_workers=t.num_workers, remove_unused_columns=False,
+        disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
+        deepspeed=OmegaConf.to_container(cfg.deepspeed.config) if cfg.deepspeed.name != "none" else None,
+        **save, **evals, **_precision(cfg),
+    )
+
+
+def build_model(cfg):
+    """Tokenizer, base model and the method's adapter, checked before any data is read."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
+    targets = cfg.method.target_modules or target_modules(cfg.model)
+    if cfg.method.kind != "none":
+        check_targets(model, list(targets))
+    model = adapters.attach_adapter(model, cfg.method, list(targets))
+    return tokenizer, model
+
+
+def build_data(cfg, tokenizer):
+    records = load_domain_records(cfg.data)
+    train, val = split_train_val(records, cfg.data, cfg.seed)
+    encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len)
+    return encode(train), (encode(val) if val else None)
+
+
+def _benchmark(cfg, model, tokenizer) -> dict | None:
+    from .eval import run_benchmark
+    from .data.sources import data_root
+
+    return run_benchmark(model, tokenizer, cfg.eval, cfg.data.domain, data_root(cfg.data))
+
+
+def run(cfg, out: Path) -> dict:
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from .trainer import (ColaTrainer, MetricsFileCallback, ResampleCallback,
+                          StopOnNonFiniteLoss)
+
+    validate(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    tokenizer, model = build_model(cfg)
+    train_ds, val_ds = build_data(cfg, tokenizer)
+    report_to = _setup_logger(cfg, out)
+    args = training_arguments(cfg, out, report_to)
+    trainer = ColaTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
+                   StopOnNonFiniteLoss()],
+    )
+    results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True),
+               "n_train_samples": len(train_ds), "n_val_samples": len(val_ds) if val_ds else 0}
+    trainable, total = adapters.trainable_parameters(model)
+    results["params"] = {"trainable": trainable, "total": total}
+    log.info("%s: %d train / %d val samples; %d of %d parameters trainable",
+             run_name(cfg), results["n_train_samples"], results["n_val_samples"], trainable, total)
+
+    eval_before = trainer.evaluate()["eval_loss"] if (val_ds and cfg.eval.before) else None
+    bench_before = _benchmark(cfg, model, tokenizer) if (cfg.eval.enabled and cfg.eval.before) else None
+
+    resume = cfg.trainer.resume and _last_checkpoint(out) is not None
+    start = time.time()
+    train_out = trainer.train(resume_from_checkpoint=True if resume else None)
+    runtime = time.time() - start
+    results["train"] = {"loss": train_out.training_loss, "steps": trainer.state.global_step,
+                        "runtime_s": runtime, "tokens": trainer.trained_tokens,
+                        "tokens_per_s": trainer.trained_tokens / max(runtime, 1e-9),
+                        "resumed": bool(resume)}
+    eval_after = trainer.evaluate()["eval_loss"] if val_ds else None
+    results["eval"] = {"loss_before": eval_before, "loss": eval_after}
+    if cfg.eval.enabled:
+        bench = _benchmark(cfg, model, tokenizer)
+        if bench_before is not None:
+            bench["accuracy_before"] = bench_before.get("accuracy")
+        results["benchmark"] = bench
+    else:
+        results["benchmark"] = None
+    if trainer.is_world_process_zero():
+        adapters.save_adapter(model, out / "adapter") if cfg.method.kind != "none" else trainer.save_model(str(out / "model"))
+        results["status"] = "completed"
+        write_json_atomic(out / "results.json", results)
+    return results
+
+
+def _last_checkpoint(out: Path):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt = out / "checkpoints"
+    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None

@@ -1,0 +1,49 @@
+"""Shared fixtures: composing configs in-process and finding the real data root."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+DATA_ROOT = Path(os.environ.get("COLA_DATA_ROOT") or REPO.parent / "shared" / "data")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA_ROOT / "train").is_dir():
+        pytest.skip(f"real data not found at {DATA_ROOT} (set COLA_DATA_ROOT)")
+    return DATA_ROOT
+
+
+def compose(overrides: list[str]):
+    """The config `python -m cola_train <overrides>` would run, composed in-process."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cola_train.config import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+TINY = ["model=tiny_llama", "data=math", "data.max_samples=8", "data.max_val_samples=8",
+        "data.cutoff_len=96", "trainer.batch_size=8", "trainer.eval_batch_size=8",
+        "trainer.max_steps=8", "trainer.warmup_steps=0", "trainer.logging_steps=1",
+        "eval=none", "trainer.save_steps=4"]
+
+
+def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600, env: dict | None = None):
+    full_env = {**os.environ, "COLA_DATA_ROOT": str(DATA_ROOT), "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cola_train", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
