@@ -38,13 +38,22 @@ def main() -> None:
 
         from hydra.types import RunMode
 
+        from . import distributed
+
         out = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
         sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
-        return run_guarded(lambda: run(cfg, out), out, exit_on_error=not sweeping)
+        # here, as N local ranks (trainer.devices), or as one SLURM task's rank
+        job = lambda: distributed.job(cfg, out, run, sweeping)  # noqa: E731
+        if not sweeping:
+            return run_guarded(job, out, exit_on_error=True)
+        return distributed.keep_sweeping(lambda: run_guarded(job, out, exit_on_error=False), out)
 
     _main()
 
 
 if __name__ == "__main__":
+    from .distributed import preflight
+
+    sys.argv[1:] = preflight(sys.argv[1:])  # deepspeed's --local_rank; sbatch for the SLURM launcher
     check_group_choices(sys.argv[1:])
     main()

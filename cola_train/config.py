@@ -193,3 +193,6 @@ def validate(cfg) -> None:
             raise ConfigError(f"method.alpha={m.alpha} must be > 0")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"method.dropout={m.dropout} is outside [0, 1)")
+    from .distributed import check as check_distributed
+
+    check_distributed(cfg)  # DeepSpeed vs trainer, trainer.devices vs GPUs

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters
+from . import adapters, distributed
 from .config import Config, ConfigError, validate
+from .energy import EnergyMeter
 from .data import load_domain_records, split_train_val, tokenize_records
 from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules
 from .results import write_json_atomic
@@ -59,8 +60,7 @@ def training_arguments(cfg, out: Path, report_to: list[str]):
         lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_total_limit=t.save_total_limit, seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=t.num_workers, remove_unused_columns=False,
-        disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
-        deepspeed=OmegaConf.to_container(cfg.deepspeed.config) if cfg.deepspeed.name != "none" else None,
+        disable_tqdm=False, **distributed.trainer_kwargs(cfg),  # device, gloo/nccl, DeepSpeed dict
         **save, **evals, **_precision(cfg),
     )
 
@@ -103,11 +103,12 @@ def run(cfg, out: Path) -> dict:
     train_ds, val_ds = build_data(cfg, tokenizer)
     report_to = _setup_logger(cfg, out)
     args = training_arguments(cfg, out, report_to)
+    preemption = distributed.preemption_callback()  # SLURM: checkpoint + requeue on the signal
     trainer = ColaTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
-                   StopOnNonFiniteLoss()],
+                   StopOnNonFiniteLoss(), preemption],
     )
     results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True),
                "n_train_samples": len(train_ds), "n_val_samples": len(val_ds) if val_ds else 0}
@@ -117,29 +118,37 @@ def run(cfg, out: Path) -> dict:
              run_name(cfg), results["n_train_samples"], results["n_val_samples"], trainable, total)
 
     eval_before = trainer.evaluate()["eval_loss"] if (val_ds and cfg.eval.before) else None
-    bench_before = _benchmark(cfg, model, tokenizer) if (cfg.eval.enabled and cfg.eval.before) else None
+    bench_here = distributed.benchmark_on_this_rank(cfg, trainer)  # all ranks under ZeRO-3
+    bench_before = _benchmark(cfg, model, tokenizer) if (cfg.eval.enabled and cfg.eval.before and bench_here) else None
 
-    resume = cfg.trainer.resume and _last_checkpoint(out) is not None
+    resume = (cfg.trainer.resume or distributed.requeued()) and _last_checkpoint(out) is not None
+    meter = EnergyMeter()
+    meter.start()
     start = time.time()
     train_out = trainer.train(resume_from_checkpoint=True if resume else None)
     runtime = time.time() - start
+    if preemption.preempted(trainer.state):
+        distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
+    trainer.trained_tokens = distributed.all_sum(trainer.trained_tokens)  # every rank's tokens
+    results["energy"] = meter.stop(trainer.trained_tokens)
     results["train"] = {"loss": train_out.training_loss, "steps": trainer.state.global_step,
                         "runtime_s": runtime, "tokens": trainer.trained_tokens,
                         "tokens_per_s": trainer.trained_tokens / max(runtime, 1e-9),
                         "resumed": bool(resume)}
     eval_after = trainer.evaluate()["eval_loss"] if val_ds else None
     results["eval"] = {"loss_before": eval_before, "loss": eval_after}
-    if cfg.eval.enabled:
+    if cfg.eval.enabled and bench_here:
         bench = _benchmark(cfg, model, tokenizer)
         if bench_before is not None:
             bench["accuracy_before"] = bench_before.get("accuracy")
         results["benchmark"] = bench
     else:
         results["benchmark"] = None
+    distributed.save_weights(cfg, trainer, model, out, adapters.save_adapter)  # collective; rank 0 writes
     if trainer.is_world_process_zero():
-        adapters.save_adapter(model, out / "adapter") if cfg.method.kind != "none" else trainer.save_model(str(out / "model"))
         results["status"] = "completed"
         write_json_atomic(out / "results.json", results)
+    distributed.forget_deepspeed()
     return results
 
 

@@ -1,0 +1,135 @@
+"""CoLA: m down-projections A_i, n up-projections B_j and a pairing matrix P (see pairing.py).
+
+    y = W_res x + s * sum_{i,j} P[j, i] * B_j A_i x,   s = alpha / r
+
+The fused path sums on the weight side (r x d sized tensors) and then does two skinny matmuls on
+the activations, whatever m and n:
+  * fully (P = all ones) and random in eval (P = all 1/n) are rank one in P:
+    (sum_j B_j * w)(sum_i A_i x), a rank-r update;
+  * m <= n (heuristic with n >= m, random in training): group the B's by their A,
+    B~_i = sum_j P[j, i] B_j, y = [B~_1 .. B~_m][A_1; ..; A_m] x   (rank m r);
+  * m > n: group the A's by their B, A~_j = sum_i P[j, i] A_i, y = [B_1 .. B_n][A~_1; ..; A~_n] x.
+`impl="loop"` computes every pair on the activations, B_j (A_i x), straight from the formula: the
+test oracle's twin and the benchmark's stand-in for the authors' implementation.
+
+Random strategy: in training each A_i is paired with one B drawn uniformly, the same draw for the
+whole optimizer step; the draw is set from outside by `resample(model, step, seed)` (never inside
+forward, which gradient checkpointing replays). In eval mode the layer uses the expectation over
+draws, every A_i with the mean of the B's, so evaluation and merging are deterministic.
+
+Storage: lora_A is (m, r, d_in) and lora_B is (d_out, n, r), so [A_1; ..; A_m] and
+[B_1 .. B_n] are free reshapes; A_i = lora_A[i], B_j = lora_B[:, j].
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import init as inits
+from . import pairing
+from .layer import AdapterLinear, new_param
+
+
+class CoLALinear(AdapterLinear):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
+                 num_A: int, num_B: int, strategy: str, impl: str = "fused"):
+        super().__init__(base_layer, r, alpha, dropout)
+        self.num_A, self.num_B, self.strategy, self.impl = num_A, num_B, strategy, impl
+        fac = self._factory()
+        self.lora_A = new_param((num_A, r, self.in_features), fac)
+        self.lora_B = new_param((self.out_features, num_B, r), fac)
+        inits.kaiming_(self.lora_A.data)
+        self.register_buffer("pairing", torch.zeros(num_B, num_A, **fac), persistent=False)
+        self.set_pairing(pairing.initial(strategy, num_A, num_B))
+
+    @classmethod
+    def from_config(cls, base_layer: nn.Linear, cfg) -> "CoLALinear":
+        return cls(base_layer, cfg.r, cfg.alpha, cfg.dropout, cfg.num_A, cfg.num_B, cfg.strategy, cfg.impl)
+
+    # -- pairing -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_pairing(self, P: torch.Tensor) -> None:
+        P = P.detach().to("cpu", torch.float32)
+        self._pairs: List[Tuple[int, int, float]] = [
+            (i, j, float(P[j, i])) for i in range(self.num_A) for j in range(self.num_B) if P[j, i] != 0
+        ]
+        self.pairing.copy_(P)
+
+    def _eval_rule(self, train_rule: bool) -> bool:
+        return self.strategy == "random" and not train_rule
+
+    def current_pairs(self) -> List[Tuple[int, int, float]]:
+        if self._eval_rule(self.training):
+            return [(i, j, 1.0 / self.num_B) for i in range(self.num_A) for j in range(self.num_B)]
+        return self._pairs
+
+    # -- forward -----------------------------------------------------------------------------
+    def factors(self, dtype: Optional[torch.dtype] = None, train_rule: bool = False):
+        A, B = self.lora_A, self.lora_B
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        m, n, r, s = self.num_A, self.num_B, self.r, self.scaling
+        if self.strategy == "fully" or self._eval_rule(train_rule):
+            w = s if self.strategy == "fully" else s / n
+            return A.sum(0), B.sum(1) * w
+        P = self.pairing.to(A.dtype)
+        if m <= n:
+            B_grouped = torch.einsum("ji,ojr->oir", P, B).reshape(self.out_features, m * r)
+            return A.reshape(m * r, self.in_features), B_grouped * s
+        A_grouped = torch.einsum("ji,ird->jrd", P, A).reshape(n * r, self.in_features)
+        return A_grouped, B.reshape(self.out_features, n * r) * s
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self._cast_input(x, self.lora_A.dtype))
+        if self.impl == "loop":
+            out = None
+            for i, j, w in self.current_pairs():
+                term = F.linear(F.linear(x, self.lora_A[i]), self.lora_B[:, j]) * (self.scaling * w)
+                out = term if out is None else out + term
+            return out
+        A, B = self.factors(train_rule=self.training)
+        return F.linear(F.linear(x, A), B)
+
+    # -- init ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_pissa(self) -> None:
+        """Split PiSSA: every A_i and B_j a scaled copy of the principal factors, scaled so the
+        combiner's initial update is exactly the principal part; the base keeps the rest."""
+        total = pairing.total_weight(self.strategy, self.num_A, self.num_B)
+        a, b = inits.split(*self.principal(), total)
+        fac = self._factory()
+        a, b = a.to(**fac), b.to(**fac)
+        self.lora_A.data.copy_(a.expand_as(self.lora_A))
+        self.lora_B.data.copy_(b[:, None, :].expand_as(self.lora_B))
+        self.set_initial(a, b, self.scaling * total)
+
+    @torch.no_grad()
+    def reinit(self, rank: Optional[int] = None) -> None:
+        """Fresh Kaiming A's, zero B's (Chain of LoRA's next link); new tensors only if the rank changes."""
+        if rank is not None and rank != self.r:
+            fac = self._factory()
+            self.r = rank
+            self.lora_A = new_param((self.num_A, rank, self.in_features), fac)
+            self.lora_B = new_param((self.out_features, self.num_B, rank), fac)
+        inits.kaiming_(self.lora_A.data)
+        self.lora_B.data.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, num_A={self.num_A}, num_B={self.num_B}, "
+                f"strategy={self.strategy}, impl={self.impl}")
+
+
+def resample(model: nn.Module, step: int, seed: int) -> None:
+    """Set every random-strategy layer's pairing for optimizer step `step`.
+
+    One CPU generator seeded by (seed, step) walks the layers in module order, so the draw is a
+    pure function of (seed, step): identical on every rank and after a resume.
+    """
+    gen = None
+    for module in model.modules():
+        if isinstance(module, CoLALinear) and module.strategy == "random":
+            gen = gen or pairing.generator(seed, step)
+            module.set_pairing(pairing.draw(module.num_A, module.num_B, gen))

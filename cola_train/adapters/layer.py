@@ -1,0 +1,174 @@
+"""What every one of our adapted linears shares: a frozen base nn.Linear plus a low-rank update.
+
+Subclasses only say how the update is computed from x (`delta`) and, when it does not depend on
+x, which two factors it collapses to (`factors`, used by merge and export). The base output is
+computed by the base module itself (so DeepSpeed ZeRO-3 gathers its weight) and the update is
+added once.
+
+`A0`, `B0`, `init_coef` record how the live base weight differs from the original one:
+W_original - W_live = init_coef * B0 @ A0 (zero when absent). A PiSSA-style init sets them; a
+committed merge (Chain of LoRA) appends to them. They let `load_adapter` rebuild the residual
+base from a fresh model bit for bit, and `export_peft` express the update relative to the
+original weights.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import init as inits
+
+try:  # gathers the weight under DeepSpeed ZeRO-3, no-op otherwise
+    from peft.utils.integrations import gather_params_ctx
+except ImportError:  # pragma: no cover
+    import contextlib
+
+    def gather_params_ctx(param, modifier_rank=0, fwd_module=None):
+        return contextlib.nullcontext()
+
+
+class AdapterLinear(nn.Module):
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.alpha = float(alpha)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.init_coef = 1.0
+        self.register_buffer("A0", None)
+        self.register_buffer("B0", None)
+
+    # -- properties HF / user code may reach for on a target module --------------------------
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    def _factory(self) -> dict:
+        w = self.base_layer.weight
+        return {"dtype": w.dtype, "device": w.device}
+
+    def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # under autocast F.linear picks the dtype; otherwise match the adapter (as PEFT does)
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            return x.to(dtype)
+        return x
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        return result + self.delta(x).to(result.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def factors(self, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(A_eff, B_eff) with the eval-time update == B_eff @ A_eff (scaling folded into B_eff)."""
+        raise NotImplementedError(f"{type(self).__name__} has an input-dependent update and cannot be merged")
+
+    # -- init --------------------------------------------------------------------------------
+    def principal(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        with gather_params_ctx(self.base_layer.weight):
+            return inits.principal_factors(self.base_layer.weight, self.r, self.scaling)
+
+    @torch.no_grad()
+    def set_initial(self, A0: torch.Tensor, B0: torch.Tensor, coef: float) -> None:
+        """Record the initial update and move it out of the (original) base weight."""
+        fac = self._factory()
+        self.A0 = A0.detach().to(**fac).clone()
+        self.B0 = B0.detach().to(**fac).clone()
+        self.init_coef = float(coef)
+        weight = self.base_layer.weight
+        with gather_params_ctx(weight, modifier_rank=0):
+            weight.data.copy_(inits.residual(weight.data, self.A0, self.B0, self.init_coef))
+
+    # -- merge / unmerge / commit --------------------------------------------------------------
+    @torch.no_grad()
+    def _delta_weight(self) -> torch.Tensor:
+        A, B = self.factors(dtype=torch.float32)
+        return B @ A
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        with gather_params_ctx(weight, modifier_rank=0):
+            weight.data.copy_((weight.data.float() + self._delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        with gather_params_ctx(weight, modifier_rank=0):
+            weight.data.copy_((weight.data.float() - self._delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Make a merge permanent (Chain of LoRA): the merged update joins the recorded base offset."""
+        if not self.merged:
+            return
+        A, B = self.factors(dtype=torch.float32)
+        fac = self._factory()
+        if self.A0 is None:
+            A0, B0 = A, -B
+        else:
+            A0 = torch.cat([self.A0.float(), A], 0)
+            B0 = torch.cat([self.B0.float() * self.init_coef, -B], 1)
+        self.A0, self.B0, self.init_coef = A0.to(**fac), B0.to(**fac), 1.0
+        self.merged = False
+
+    def export_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """float32 (A, B) with B @ A == (W_live + update) - W_original: the LoRA to ship."""
+        A, B = self.factors(dtype=torch.float32)
+        if self.A0 is not None:
+            A = torch.cat([A, self.A0.float()], 0)
+            B = torch.cat([B, -self.init_coef * self.B0.float()], 1)
+        return A, B
+
+    def reinit(self, rank: Optional[int] = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- save / load -------------------------------------------------------------------------
+    def adapter_state(self) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: Dict[str, torch.Tensor], init_coef: float) -> None:
+        """Load saved tensors (already checked by io.load_adapter); rebuild the residual base."""
+        fac = self._factory()
+        if "A0" in state:
+            self.set_initial(state["A0"], state["B0"], init_coef)
+        own = dict(self.named_parameters())
+        own.update((k, v) for k, v in self.named_buffers() if k not in ("A0", "B0"))
+        for key, value in state.items():
+            if key in ("A0", "B0"):
+                continue
+            own[key].data.copy_(value.to(device=fac["device"], dtype=own[key].dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}"
+
+
+def new_param(shape, fac: dict, requires_grad: bool = True) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, **fac), requires_grad=requires_grad)
+

@@ -1,0 +1,118 @@
+"""LoRA, DoRA and PiSSA through HF PEFT: the reference implementations, used as they are.
+
+Two records are kept next to PEFT's own state (in the model's adapter info, saved by save_adapter):
+  * `init`: PiSSA's initial factors per layer (PEFT moves s * B0 @ A0 out of the base), so the
+    update can be exported relative to the original weights, as PEFT's own
+    `path_initial_model_for_weight_conversion` does, without an extra save at step 0;
+  * `commits`: updates merged into the base for good by a schedule (Chain of LoRA), so a reload
+    rebuilds the live base and an export still starts from the original weights.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .spec import AdapterError
+
+ADAPTER = "default"
+
+
+def attach(model: nn.Module, cfg, targets: List[str]):
+    from peft import LoraConfig, get_peft_model
+
+    lora_cfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(targets),
+        use_dora=cfg.use_dora,
+        init_lora_weights="pissa" if cfg.init == "pissa" else True,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora_cfg, autocast_adapter_dtype=False)
+    return peft_model, {"init": capture_init(peft_model) if cfg.init == "pissa" else {}, "commits": {}}
+
+
+def lora_layers(peft_model) -> Iterator[Tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            yield name, module
+
+
+@torch.no_grad()
+def capture_init(peft_model) -> Dict[str, tuple]:
+    return {
+        name: (m.lora_A[ADAPTER].weight.detach().clone(), m.lora_B[ADAPTER].weight.detach().clone(),
+               float(m.scaling[ADAPTER]))
+        for name, m in lora_layers(peft_model)
+    }
+
+
+def _is_dora(module) -> bool:
+    return bool(getattr(module, "use_dora", {}).get(ADAPTER, False))
+
+
+@torch.no_grad()
+def current_factors(module) -> Tuple[torch.Tensor, torch.Tensor]:
+    A = module.lora_A[ADAPTER].weight.detach().float()
+    B = module.lora_B[ADAPTER].weight.detach().float() * float(module.scaling[ADAPTER])
+    return A, B
+
+
+@torch.no_grad()
+def export_factors(name: str, module, record: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 (A, B) with B @ A == (live model's W + update) - original W."""
+    if _is_dora(module):
+        raise AdapterError(f"DoRA layer {name!r} with a PiSSA init or committed merges cannot be written "
+                           f"as a plain LoRA")
+    As, Bs = [], []
+    A, B = current_factors(module)
+    As.append(A), Bs.append(B)
+    if name in record["commits"]:
+        Ac, Bc = record["commits"][name]
+        As.append(Ac.float().to(A.device)), Bs.append(Bc.float().to(A.device))
+    if name in record["init"]:
+        A0, B0, coef = record["init"][name]
+        As.append(A0.float().to(A.device)), Bs.append(-coef * B0.float().to(A.device))
+    return torch.cat(As, 0), torch.cat(Bs, 1)
+
+
+@torch.no_grad()
+def apply_commits(peft_model, commits: Dict[str, tuple]) -> None:
+    """Re-add committed updates to a freshly loaded base (W_live = W_init + Bc @ Ac)."""
+    modules = dict(lora_layers(peft_model))
+    for name, (Ac, Bc) in commits.items():
+        weight = modules[name].get_base_layer().weight
+        delta = Bc.to(weight.device, torch.float64) @ Ac.to(weight.device, torch.float64)
+        weight.data.copy_((weight.data.double() + delta).to(weight.dtype))
+
+
+@torch.no_grad()
+def reinit(peft_model, record: dict, rank: Optional[int]) -> None:
+    """Commit a merged update (if merged), then fresh Kaiming A / zero B at `rank`."""
+    config = peft_model.peft_config[ADAPTER]
+    new_config = copy.deepcopy(config)
+    new_config.init_lora_weights = True
+    if rank is not None:
+        new_config.r = rank
+    for name, module in lora_layers(peft_model):
+        if module.merged:
+            if _is_dora(module):
+                raise AdapterError(f"DoRA layer {name!r}: a merged DoRA update is not low-rank and cannot be "
+                                   f"committed; unmerge_adapter first")
+            A, B = current_factors(module)
+            if name in record["commits"]:
+                Ac, Bc = record["commits"][name]
+                A, B = torch.cat([Ac.float().to(A.device), A], 0), torch.cat([Bc.float().to(B.device), B], 1)
+            record["commits"][name] = (A, B)
+            module.merged_adapters = []
+        if _is_dora(module) or (rank is not None and rank != module.r[ADAPTER]):
+            module.update_layer(ADAPTER, new_config.r, new_config.lora_alpha, config=new_config)
+        else:
+            module.reset_lora_parameters(ADAPTER, True)
+    config.r = new_config.r

@@ -1,0 +1,135 @@
+"""The method config as the adapters see it: normalisation, validation, target matching.
+
+Every bad value is caught here, before a model is touched, with a one-line message that names
+the value, so a sweep with a typo fails at the start of the job and not after the SVD.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping
+
+from torch import nn
+
+from cola_train.config import MethodConfig
+
+KINDS = ("none", "peft", "cola", "hydralora", "mole")
+STRATEGIES = ("fully", "random", "heuristic")
+INITS = ("lora", "pissa")
+IMPLS = ("fused", "loop")
+
+
+class AdapterError(ValueError):
+    """Bad adapter input (config value, target module, saved adapter): one line naming the value."""
+
+
+def method_config(obj: Any) -> MethodConfig:
+    """Accept a MethodConfig, an OmegaConf node (Hydra's `cfg.method`) or a plain mapping."""
+    if isinstance(obj, MethodConfig):
+        return dataclasses.replace(obj)
+    try:  # OmegaConf is optional at this level; Hydra passes DictConfig nodes
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(obj, DictConfig):
+            obj = OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(obj, Mapping):
+        raise AdapterError(f"method config must be a MethodConfig or a mapping, got {type(obj).__name__}")
+    known = {f.name for f in dataclasses.fields(MethodConfig)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise AdapterError(f"unknown method config key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return MethodConfig(**dict(obj))
+
+
+def config_dict(cfg: MethodConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: MethodConfig) -> None:
+    """Cross-field rules; the message names the offending field and value."""
+    if cfg.kind == "chain":
+        raise AdapterError(
+            f"method kind 'chain' is a training schedule, not a layer: attach its base method "
+            f"({cfg.base!r}) and drive merge_adapter/reinit_adapter from the schedule"
+        )
+    if cfg.kind not in KINDS:
+        raise AdapterError(f"unknown method kind {cfg.kind!r} (expected one of {', '.join(KINDS)})")
+    if cfg.kind == "none":
+        return
+    if not isinstance(cfg.r, int) or cfg.r < 1:
+        raise AdapterError(f"method.r must be an integer >= 1, got {cfg.r!r}")
+    if not cfg.alpha > 0:
+        raise AdapterError(f"method.alpha must be > 0, got {cfg.alpha!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise AdapterError(f"method.dropout must be in [0, 1), got {cfg.dropout!r}")
+    if cfg.init not in INITS:
+        raise AdapterError(f"unknown method.init {cfg.init!r} (expected one of {', '.join(INITS)})")
+    if cfg.impl not in IMPLS:
+        raise AdapterError(f"unknown method.impl {cfg.impl!r} (expected one of {', '.join(IMPLS)})")
+    for field in ("num_A", "num_B"):
+        value = getattr(cfg, field)
+        if not isinstance(value, int) or value < 1:
+            raise AdapterError(f"method.{field} must be an integer >= 1, got {value!r}")
+    if cfg.kind != "mole" and cfg.expert_paths:
+        raise AdapterError(f"method.expert_paths is only used by kind 'mole', not {cfg.kind!r}")
+    if cfg.kind == "peft":
+        if cfg.num_A != 1 or cfg.num_B != 1:
+            raise AdapterError(
+                f"kind 'peft' ({cfg.name}) has one A and one B: got num_A={cfg.num_A}, num_B={cfg.num_B}"
+            )
+    elif cfg.kind == "cola":
+        if cfg.strategy not in STRATEGIES:
+            raise AdapterError(
+                f"unknown method.strategy {cfg.strategy!r} (expected one of {', '.join(STRATEGIES)})"
+            )
+    elif cfg.kind == "hydralora":
+        if cfg.num_A != 1:
+            raise AdapterError(f"hydralora shares one A across its B heads: num_A must be 1, got {cfg.num_A}")
+        if cfg.num_B < 2:
+            raise AdapterError(
+                f"hydralora needs num_B >= 2 heads to route between, got {cfg.num_B} (use method lora)"
+            )
+    elif cfg.kind == "mole":
+        if cfg.num_A < 2:
+            raise AdapterError(f"mole needs num_A >= 2 experts to gate between, got {cfg.num_A} (use method lora)")
+        if cfg.num_B != cfg.num_A:
+            raise AdapterError(
+                f"mole experts are (A_i, B_i) pairs: num_B must equal num_A={cfg.num_A}, got {cfg.num_B}"
+            )
+        if cfg.balance_coef < 0:
+            raise AdapterError(f"method.balance_coef must be >= 0, got {cfg.balance_coef!r}")
+        if cfg.expert_paths and len(cfg.expert_paths) != cfg.num_A:
+            raise AdapterError(
+                f"mole has num_A={cfg.num_A} experts but {len(cfg.expert_paths)} expert_paths were given"
+            )
+        if cfg.freeze_experts and not cfg.expert_paths:
+            raise AdapterError("method.freeze_experts=true needs expert_paths (frozen untrained experts add nothing)")
+        if cfg.expert_paths and cfg.init == "pissa":
+            raise AdapterError("mole with expert_paths loads its experts: method.init must be 'lora', got 'pissa'")
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def linear_names(model: nn.Module) -> List[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name]
+
+
+def match_targets(model: nn.Module, targets: List[str]) -> List[str]:
+    """Full names of the nn.Linear modules whose name ends with a target, as PEFT matches them.
+
+    Every target must match something: a typo in a target list would otherwise silently train
+    fewer layers than the paper's setup.
+    """
+    if not targets:
+        raise AdapterError("no target modules: method.target_modules is empty and no default list was given")
+    names = linear_names(model)
+    for target in targets:
+        if not any(_matches(name, target) for name in names):
+            suffixes = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+            raise AdapterError(
+                f"target module {target!r} not found; the model's linear modules are: {', '.join(suffixes)}"
+            )
+    return [name for name in names if any(_matches(name, t) for t in targets)]

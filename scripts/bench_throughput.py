@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Side-by-side training-step throughput of every method on one model and one batch.
+
+    python scripts/bench_throughput.py                  # Llama-3.1-8B shape, random bf16 weights (GPU)
+    python scripts/bench_throughput.py --model llama3_2_3b
+    python scripts/bench_throughput.py --small          # a tiny Llama on CPU, seconds (CI checks it runs)
+
+A step is forward + backward + AdamW step on the trainable parameters. Every variant is built on
+the same frozen base (adapters are attached, timed, then the original modules are put back), so
+the ratios within one run compare like with like. Adapters use the lora init (zero B): the SVD
+of a PiSSA init changes values, not cost. Prints a table last and writes JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cola_train import adapters  # noqa: E402
+from cola_train.config import MethodConfig  # noqa: E402
+from cola_train.models import DEFAULT_TARGETS  # noqa: E402
+
+SHAPES = {
+    "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                        rope_theta=500000.0, max_position_embeddings=8192),
+    "llama3_2_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+                        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                  max_position_embeddings=512),
+}
+COLA = dict(kind="cola", num_A=2, num_B=3, r=8, alpha=16, dropout=0.0, init="lora")
+VARIANTS = {
+    "frozen base (floor)": None,
+    "PEFT LoRA (default, fp32 adapters)": "peft_default",
+    "PEFT LoRA (bf16 adapters)": MethodConfig(name="lora", kind="peft", r=8, alpha=16, dropout=0.0),
+    "ours LoRA (m=n=1)": MethodConfig(name="lora1", **{**COLA, "num_A": 1, "num_B": 1}),
+    **{f"CoLA {s} fused": MethodConfig(name=f"cola_{s}", strategy=s, impl="fused", **COLA)
+       for s in ("fully", "random", "heuristic")},
+    **{f"CoLA {s} per-pair loop": MethodConfig(name=f"cola_{s}", strategy=s, impl="loop", **COLA)
+       for s in ("fully", "random", "heuristic")},
+    "HydraLoRA (n=3)": MethodConfig(name="hydralora", kind="hydralora", num_A=1, num_B=3, r=8,
+                                    alpha=16, dropout=0.0),
+    "MoLE (3 experts)": MethodConfig(name="mole", kind="mole", num_A=3, num_B=3, r=8, alpha=16,
+                                     dropout=0.0),
+    "FFT": "fft",
+}
+
+
+def matmul_peak_tflops(device, dtype) -> float:
+    """The bf16 matmul rate this GPU reaches here: the MFU denominator."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 3
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_base(shape: str, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape])
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.requires_grad_(False)
+    model.enable_input_require_grads()   # backward flows through every layer, as with adapters
+    return model
+
+
+def _swap_back(model, originals: dict):
+    for name, module in originals.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def attach(base, variant, targets):
+    """(model to step, undo callable)."""
+    originals = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    if variant is None:
+        return base, lambda: None
+    if variant == "fft":
+        base.requires_grad_(True)
+        return base, lambda: base.requires_grad_(False)
+    if variant == "peft_default":
+        from peft import LoraConfig, get_peft_model
+
+        peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                               target_modules=targets))
+        return peft, lambda: peft.unload()
+    model = adapters.attach_adapter(base, variant, targets)
+    if hasattr(model, "unload") and model is not base:   # PEFT bf16
+        return model, lambda: model.unload()
+    return model, lambda: (_swap_back(base, originals), base.requires_grad_(False))
+
+
+def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True) if params else None
+    model.train()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + reps):
+        adapters.resample(model, i, seed)
+        _sync(device)
+        t = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        aux = adapters.aux_loss(model)
+        if aux is not None:
+            loss = loss + aux
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del opt
+    return statistics.median(times), peak
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama3_1_8b", choices=[k for k in SHAPES if k != "small"])
+    ap.add_argument("--small", action="store_true", help="tiny Llama, CPU-sized batch")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="variant names (substring match)")
+    ap.add_argument("--skip-fft", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench_throughput.json"))
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = "small" if args.small else args.model
+    if args.small:
+        args.batch, args.seq, args.reps, args.warmup = 2, 64, 3, 1
+    torch.manual_seed(0)
+    base = build_base(shape, device, dtype)
+    n_params = sum(p.numel() for p in base.parameters())
+    peak = matmul_peak_tflops(device, dtype)
+    targets = DEFAULT_TARGETS["llama"]
+    batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
+    tokens = batch.numel()
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {shape} ({n_params/1e9:.2f} B params, {dtype}) on {gpu}; batch {args.batch}x{args.seq}; "
+          f"r=8, num_A=2, num_B=3, targets={','.join(targets)}; matmul peak {peak:.0f} TFLOP/s", flush=True)
+
+    rows = []
+    for name, variant in VARIANTS.items():
+        if args.only and not any(s.lower() in name.lower() for s in args.only):
+            continue
+        if variant == "fft" and args.skip_fft:
+            continue
+        model, undo = attach(base, variant, targets)
+        try:
+            ms, mem = time_steps(model, batch, device, args.warmup, args.reps)
+            row = {"variant": name, "step_ms": ms * 1e3, "tokens_per_s": tokens / ms, "peak_gib": mem,
+                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            flops_per_token = (6 if variant == "fft" else 4) * n_params
+            row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * 1e12)
+        except torch.OutOfMemoryError:
+            row = {"variant": name, "error": "OOM"}
+        finally:
+            undo()
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    floor = next((r for r in rows if r["variant"].startswith("frozen") and "step_ms" in r), None)
+    print(f"\n| variant | step ms | tokens/s | x floor | peak GiB | MFU | trainable |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | {r['error']} | | | | | |")
+            continue
+        x = r["step_ms"] / floor["step_ms"] if floor else float("nan")
+        r["x_floor"] = x
+        print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {x:.3f} | "
+              f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} |")
+    args.out.write_text(json.dumps({"shape": shape, "device": gpu, "batch": [args.batch, args.seq],
+                                    "peak_tflops": peak, "params": n_params, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

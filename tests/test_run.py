@@ -1,0 +1,81 @@
+"""End to end on CPU with tiny models: a run trains, writes its files, resumes, logs to W&B."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, compose
+
+
+def _run(overrides, out: Path):
+    from cola_train.run import run
+
+    return run(compose(TINY + overrides), out)
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_opt"])
+@pytest.mark.parametrize("method,lr", [("fft", "1e-3"), ("lora", "5e-3")])
+def test_tiny_models_train_and_write_results(data_root, tmp_path, model, method, lr):
+    res = _run([f"model={model}", f"method={method}", f"trainer.lr={lr}"], tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "completed" and saved["train"]["steps"] == 8
+    assert saved["config"]["method"]["name"] == method and saved["n_train_samples"] == 8
+    assert 0 < saved["params"]["trainable"] <= saved["params"]["total"]
+    if method == "fft":
+        assert saved["params"]["trainable"] == saved["params"]["total"]
+    else:
+        assert saved["params"]["trainable"] < 0.2 * saved["params"]["total"]
+        assert (tmp_path / "adapter").is_dir()
+    assert saved["train"]["tokens_per_s"] > 0 and saved["eval"]["loss"] is not None
+    losses = _losses(tmp_path)
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] * 0.9, losses          # same batch every step: loss must fall
+    assert res["train"]["loss"] == pytest.approx(saved["train"]["loss"])
+
+
+def test_resume_continues_and_matches_uninterrupted(data_root, tmp_path):
+    common = ["method=lora", "trainer.lr=5e-3", "data.max_samples=16", "trainer.batch_size=4",
+              "trainer.max_steps=8", "trainer.save_steps=4", "trainer.save_total_limit=3"]
+    full = _run(common, tmp_path / "full")
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "checkpoints" / "checkpoint-8")      # as if killed after step 4's save
+    (part / "results.json").unlink()
+    (part / "metrics.jsonl").unlink()
+    resumed = _run(common + ["trainer.resume=true"], part)
+    assert resumed["train"]["resumed"] is True and resumed["train"]["steps"] == 8
+    steps = [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps[0] == 5                                      # continued, not restarted
+    assert resumed["eval"]["loss"] == pytest.approx(full["eval"]["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_wandb_offline_writes_a_run_with_metrics(data_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_DISABLED", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    _run(["method=lora", "logger=wandb", "logger.mode=online", "trainer.max_steps=3"], tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    assert list(runs[0].glob("run-*.wandb"))
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    assert "train/loss" in summary and summary["train/global_step"] == 3
+
+
+@pytest.mark.slow
+def test_smollm2_eval_loss_drops(data_root, tmp_path):
+    from cola_train.run import run
+
+    cfg = compose(["model=smollm2_135m", "method=lora", "data=math", "data.max_samples=32",
+                   "data.max_val_samples=16", "data.cutoff_len=192", "trainer.max_steps=12",
+                   "trainer.batch_size=4", "trainer.lr=5e-4", "trainer.warmup_steps=2",
+                   "eval=none", "eval.before=true", "trainer.save_steps=100"])
+    res = run(cfg, tmp_path)
+    assert res["eval"]["loss"] < res["eval"]["loss_before"] - 0.05, res["eval"]
