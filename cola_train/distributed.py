@@ -162,6 +162,10 @@ def deepspeed_config(cfg) -> dict | None:
     if not deepspeed_enabled(cfg):
         return None
     ds = _container(cfg.deepspeed.config)
+    # HF fills an "auto" train_batch_size when TrainingArguments is built, before it knows the
+    # world size (it writes batch × accum × 1); left out, DeepSpeed computes it with the ranks.
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]
     opt = ds.get("optimizer")
     if opt and str(opt.get("type", "")).lower() in ("adam", "adamw") and not cuda():
         opt.setdefault("params", {}).setdefault("torch_adam", True)
@@ -286,7 +290,25 @@ def trainer_kwargs(cfg) -> dict:
     kwargs = {"deepspeed": ds, "use_cpu": not on_gpu and ds is None}
     if not on_gpu and "LOCAL_RANK" in os.environ:  # a process group only when there are ranks
         kwargs["ddp_backend"] = "gloo"
+    if not on_gpu and ds is not None:
+        _cpu_deepspeed_state()
+        kwargs["accelerator_config"] = {"use_configured_state": True}
     return kwargs
+
+
+def _cpu_deepspeed_state() -> None:
+    """accelerate takes the DeepSpeed path only off-CPU and then picks the backend from the GPU
+    kind; on a CPU it ends with no backend and counts one process (each rank would see all the
+    data). Configure its (shared) state here with gloo; TrainingArguments then uses it as is."""
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
 def forget_deepspeed() -> None:

@@ -13,6 +13,7 @@ CONF = REPO / "conf"
 DATA_ROOT = Path(os.environ.get("COLA_DATA_ROOT") or REPO.parent / "shared" / "data")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("COLA_DATA_ROOT", str(DATA_ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -64,9 +64,10 @@ def test_wandb_offline_writes_a_run_with_metrics(data_root, tmp_path, monkeypatc
     _run(["method=lora", "logger=wandb", "logger.mode=online", "trainer.max_steps=3"], tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
-    assert list(runs[0].glob("run-*.wandb"))
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    assert "train/loss" in summary and summary["train/global_step"] == 3
+    (log,) = runs[0].glob("run-*.wandb")
+    data = log.read_bytes()  # protobuf records: the metric keys are stored as plain strings
+    for key in (b"train/loss", b"train/learning_rate", b"final/eval_loss", b"final/trainable_params"):
+        assert key in data, key
 
 
 @pytest.mark.slow

@@ -64,7 +64,11 @@ def our_layers(model: nn.Module) -> Dict[str, AdapterLinear]:
 def _describe(cfg) -> str:
     if cfg.kind == "cola":
         return f"cola/{cfg.strategy} (num_A={cfg.num_A}, num_B={cfg.num_B}, r={cfg.r}, init={cfg.init})"
-    return f"{cfg.name} (kind={cfg.kind}, r={cfg.r}, init={cfg.init})"
+    if cfg.kind == "hydralora":
+        return f"hydralora (num_B={cfg.num_B}, r={cfg.r}, init={cfg.init})"
+    if cfg.kind == "mole":
+        return f"mole (num_A={cfg.num_A}, r={cfg.r}, init={cfg.init})"
+    return f"{cfg.name} (kind={cfg.kind}, r={cfg.r}, init={cfg.init}, use_dora={cfg.use_dora})"
 
 
 # -- save ----------------------------------------------------------------------------------------

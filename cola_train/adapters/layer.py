@@ -127,7 +127,7 @@ class AdapterLinear(nn.Module):
         """Make a merge permanent (Chain of LoRA): the merged update joins the recorded base offset."""
         if not self.merged:
             return
-        A, B = self.factors(dtype=torch.float32)
+        A, B = (t.detach().clone() for t in self.factors(dtype=torch.float32))  # may alias lora_A
         fac = self._factory()
         if self.A0 is None:
             A0, B0 = A, -B

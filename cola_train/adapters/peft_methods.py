@@ -59,7 +59,7 @@ def _is_dora(module) -> bool:
 
 @torch.no_grad()
 def current_factors(module) -> Tuple[torch.Tensor, torch.Tensor]:
-    A = module.lora_A[ADAPTER].weight.detach().float()
+    A = module.lora_A[ADAPTER].weight.detach().float().clone()  # a copy: reinit resets in place
     B = module.lora_B[ADAPTER].weight.detach().float() * float(module.scaling[ADAPTER])
     return A, B
 

@@ -84,9 +84,9 @@ def load_source(source: DataSource, root: Path | None) -> list[dict] | None:
 
 
 def _missing_message(source: DataSource, root: Path | None) -> str:
-    looked = f"{root / source.file}" if (root and source.file) else "no data root set (data.root / $COLA_DATA_ROOT)"
+    looked = f"looked for {root / source.file}" if (root and source.file) else "no data root set (data.root or $COLA_DATA_ROOT)"
     hub = f"hub id {source.hub_id} unreachable" if source.hub_id else "no hub id"
-    return f"data source {source.name!r} is missing: looked for {looked}; {hub}"
+    return f"data source {source.name!r} is missing: {looked}; {hub}"
 
 
 def load_domain_records(cfg: DataConfig) -> list[dict]:
