@@ -149,7 +149,27 @@ def run(cfg, out: Path) -> dict:
         results["status"] = "completed"
         write_json_atomic(out / "results.json", results)
     distributed.forget_deepspeed()
+    if report_to:
+        _finish_wandb(results)
     return results
+
+
+def _finish_wandb(results: dict) -> None:
+    """The run's final numbers go into the W&B summary, then the run is closed so its files
+    (offline: wandb/offline-run-*) are complete."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    bench = results.get("benchmark") or {}
+    wandb.run.summary.update({
+        "final/eval_loss": results["eval"]["loss"], "final/eval_loss_before": results["eval"]["loss_before"],
+        "final/accuracy": bench.get("accuracy"), "final/macro_accuracy": bench.get("macro_accuracy"),
+        "final/tokens_per_s": results["train"]["tokens_per_s"],
+        "final/trainable_params": results["params"]["trainable"],
+        "final/energy_j": (results.get("energy") or {}).get("joules"),
+    })
+    wandb.finish()
 
 
 def _last_checkpoint(out: Path):
