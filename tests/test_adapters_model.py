@@ -2,6 +2,8 @@
 merged_model, export to PEFT on the original base, Chain-of-LoRA hooks, and a few training steps."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -291,3 +293,4 @@ def test_few_steps_reduce_loss(name):
         opt_.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+    copy.deepcopy(model)  # e.g. for an EMA or a best-model snapshot, even right after a forward

@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -72,8 +72,10 @@ def _describe(cfg) -> str:
 
 
 # -- save ----------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, directory: str) -> None:
+def save_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
     from safetensors.torch import save_file
+
+    directory = os.fspath(directory)
 
     model = unwrap(model)
     info = require_info(model)
@@ -129,8 +131,10 @@ def check_same_method(saved, given, directory: str) -> None:
             )
 
 
-def load_adapter(base_model: nn.Module, directory: str, method_cfg=None) -> nn.Module:
+def load_adapter(base_model: nn.Module, directory: Union[str, os.PathLike], method_cfg=None) -> nn.Module:
     from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
 
     from . import attach_adapter  # the registry lives in __init__
 
@@ -238,12 +242,13 @@ def _load_full(model: nn.Module, directory: str) -> None:
 
 
 # -- merge / export ------------------------------------------------------------------------------
-def export_peft(model: nn.Module, directory: str) -> None:
+def export_peft(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
     """Write the adapter as a standard PEFT LoRA for the ORIGINAL base: B @ A = W_final - W_original,
     lora_alpha = r so PEFT's scaling is 1 (ours is folded into B)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    directory = os.fspath(directory)
     model = unwrap(model)
     info = require_info(model)
     cfg = info["method"]

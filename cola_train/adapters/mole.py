@@ -68,6 +68,12 @@ class MoLELinear(AdapterLinear):
         weighted = (h * gate.unsqueeze(-1)).flatten(-2)
         return F.linear(weighted, self.lora_B.reshape(self.out_features, m * self.r) * self.scaling)
 
+    def __getstate__(self):
+        # the stored loss holds an autograd graph, which deepcopy/pickle cannot copy
+        state = self.__dict__.copy()
+        state["balance_loss"] = None
+        return state
+
     @torch.no_grad()
     def init_pissa(self) -> None:
         """Every expert = the principal factors; gate weights sum to one, so the initial update

@@ -21,7 +21,7 @@ def heuristic(m: int, n: int) -> torch.Tensor:
     small, large = (m, n) if n >= m else (n, m)
     k = large // small
     for idx in range(large):
-        owner = idx // k if idx < small * k else small - 1
+        owner = idx // k if idx < small * k else (idx - small * k) % small
         if n >= m:
             P[idx, owner] = 1.0  # B_idx belongs to A_owner
         else:
