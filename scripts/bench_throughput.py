@@ -82,8 +82,13 @@ def build_base(shape: str, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SHAPES[shape])
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)           # build in bf16 directly: no 32 GB fp32 detour for 8B
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.requires_grad_(False)
     model.enable_input_require_grads()   # backward flows through every layer, as with adapters
     return model
@@ -96,23 +101,28 @@ def _swap_back(model, originals: dict):
 
 
 def attach(base, variant, targets):
-    """(model to step, undo callable)."""
+    """(model to step, undo callable that leaves `base` as it was: frozen, no adapter)."""
     originals = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def undo():
+        _swap_back(base, originals)
+        base.requires_grad_(False)
+        base.__dict__.pop("_cola_adapter", None)
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in base.__dict__:
+                delattr(base, attr)
+
     if variant is None:
-        return base, lambda: None
+        return base, undo
     if variant == "fft":
         base.requires_grad_(True)
-        return base, lambda: base.requires_grad_(False)
+        return base, undo
     if variant == "peft_default":
         from peft import LoraConfig, get_peft_model
 
-        peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                               target_modules=targets))
-        return peft, lambda: peft.unload()
-    model = adapters.attach_adapter(base, variant, targets)
-    if hasattr(model, "unload") and model is not base:   # PEFT bf16
-        return model, lambda: model.unload()
-    return model, lambda: (_swap_back(base, originals), base.requires_grad_(False))
+        return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                               target_modules=targets)), undo
+    return adapters.attach_adapter(base, variant, targets), undo
 
 
 def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0):

@@ -82,6 +82,22 @@ class CoLALinear(AdapterLinear):
         A_grouped = torch.einsum("ji,ird->jrd", P, A).reshape(n * r, self.in_features)
         return A_grouped, B.reshape(self.out_features, n * r) * s
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged or self.impl == "loop" or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        A, B = self.factors(train_rule=self.training)
+        x2 = x.reshape(-1, x.shape[-1])
+        result = self.base_layer(x2)
+        z = F.linear(self.dropout(self._cast_input(x2, A.dtype)), A)
+        if z.dtype != result.dtype or B.dtype != result.dtype:  # autocast or fp32 adapters
+            result = result + F.linear(z, B).to(result.dtype)
+        else:
+            # Add the update into the base output in place: one read and one write of the
+            # output instead of a delta tensor plus an add. Autograd-safe: the base linear's
+            # backward needs its input and weight, never its output; 2-D, so no view is rebased.
+            result.addmm_(z, B.t())
+        return result.view(*x.shape[:-1], result.shape[-1])
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self._cast_input(x, self.lora_A.dtype))
         if self.impl == "loop":
