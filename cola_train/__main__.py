@@ -22,6 +22,30 @@ def check_group_choices(argv: list[str]) -> None:
                 sys.exit(f"error: {key}={v!r} is not an option; choose from: {', '.join(options)}")
 
 
+def check_output_dirs(argv: list[str]) -> None:
+    """A run dir that cannot be created or written fails here, in one line, before any model
+    is loaded, instead of as a traceback from Hydra or after hours of training."""
+    import os
+    import tempfile
+
+    wanted = [a.split("=", 1)[1] for a in argv
+              if a.split("=", 1)[0].lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir", "output_dir")]
+    for raw in wanted or ["outputs"]:
+        path = Path(raw.split("${", 1)[0] or ".").expanduser()
+        probe = path
+        while not probe.exists():
+            probe = probe.parent
+        try:
+            if not probe.is_dir():
+                raise NotADirectoryError(f"{probe} is a file")
+            if probe == path:
+                tempfile.TemporaryFile(dir=path).close()
+            elif not os.access(probe, os.W_OK):
+                raise PermissionError(f"cannot create folders in {probe}")
+        except OSError as err:
+            sys.exit(f"error: output dir {raw!r} is not writable: {err.strerror or err}")
+
+
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -56,4 +80,5 @@ if __name__ == "__main__":
 
     sys.argv[1:] = preflight(sys.argv[1:])  # deepspeed's --local_rank; sbatch for the SLURM launcher
     check_group_choices(sys.argv[1:])
+    check_output_dirs(sys.argv[1:])
     main()

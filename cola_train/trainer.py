@@ -28,6 +28,9 @@ class ColaTrainer(Trainer):
         aux = adapters.aux_loss(model)
         if aux is None:
             return out
+        if self.model_accepts_loss_kwargs and kwargs.get("num_items_in_batch") is not None:
+            # the Trainer will not divide this micro-batch's loss by the accumulation steps
+            aux = aux / self.current_gradient_accumulation_steps
         if return_outputs:
             return out[0] + aux, out[1]
         return out + aux
@@ -71,3 +74,33 @@ class StopOnNonFiniteLoss(TrainerCallback):
             control.should_save = False
             raise NonFiniteLossError(f"loss became {loss} at step {state.global_step}; "
                                      "the last good checkpoint is kept")
+
+
+COMPLETE = "CHECKPOINT_COMPLETE"
+
+
+class CheckpointCompleteMarker(TrainerCallback):
+    """Mark a checkpoint folder complete once the Trainer has written all of it (on_save runs
+    after the save). The Trainer writes checkpoints in place, so a kill mid-save leaves a folder
+    that looks like a checkpoint; resume only trusts marked ones."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from pathlib import Path
+
+            from .results import write_json_atomic
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json_atomic(folder / COMPLETE, {"step": state.global_step})
+
+
+def last_complete_checkpoint(folder) -> str | None:
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).is_file()
+            and p.name.split("-")[-1].isdigit()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
