@@ -193,6 +193,10 @@ def validate(cfg) -> None:
             raise ConfigError(f"method.alpha={m.alpha} must be > 0")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"method.dropout={m.dropout} is outside [0, 1)")
+    if m.kind == "chain":
+        from .chain import check_config as check_chain
+
+        check_chain(cfg)  # links, fractions, rank schedule, the chained base method
     from .distributed import check as check_distributed
 
     check_distributed(cfg)  # DeepSpeed vs trainer, trainer.devices vs GPUs

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, distributed
+from . import adapters, chain, distributed
 from .config import Config, ConfigError, validate
 from .energy import EnergyMeter
 from .data import load_domain_records, split_train_val, tokenize_records
@@ -72,7 +72,10 @@ def build_model(cfg):
     targets = cfg.method.target_modules or target_modules(cfg.model)
     if cfg.method.kind != "none":
         check_targets(model, list(targets))
-    model = adapters.attach_adapter(model, cfg.method, list(targets))
+    if torch.cuda.is_available() and cfg.deepspeed.name == "none":
+        # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
+        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets))  # chain: its base
     return tokenizer, model
 
 
@@ -93,8 +96,8 @@ def _benchmark(cfg, model, tokenizer) -> dict | None:
 def run(cfg, out: Path) -> dict:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from .trainer import (ColaTrainer, MetricsFileCallback, ResampleCallback,
-                          StopOnNonFiniteLoss)
+    from .trainer import (CheckpointCompleteMarker, ColaTrainer, MetricsFileCallback,
+                          ResampleCallback, StopOnNonFiniteLoss)
 
     validate(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +111,9 @@ def run(cfg, out: Path) -> dict:
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
-                   StopOnNonFiniteLoss(), preemption],
+                   StopOnNonFiniteLoss(), CheckpointCompleteMarker(), preemption],
     )
+    schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
     results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True),
                "n_train_samples": len(train_ds), "n_val_samples": len(val_ds) if val_ds else 0}
     trainable, total = adapters.trainable_parameters(model)
@@ -117,25 +121,29 @@ def run(cfg, out: Path) -> dict:
     log.info("%s: %d train / %d val samples; %d of %d parameters trainable",
              run_name(cfg), results["n_train_samples"], results["n_val_samples"], trainable, total)
 
-    eval_before = trainer.evaluate()["eval_loss"] if (val_ds and cfg.eval.before) else None
+    eval_before = distributed.eval_before_training(cfg, trainer) if (val_ds and cfg.eval.before) else None
     bench_here = distributed.benchmark_on_this_rank(cfg, trainer)  # all ranks under ZeRO-3
     bench_before = _benchmark(cfg, model, tokenizer) if (cfg.eval.enabled and cfg.eval.before and bench_here) else None
 
-    resume = (cfg.trainer.resume or distributed.requeued()) and _last_checkpoint(out) is not None
+    resume = (cfg.trainer.resume or distributed.resuming(out)) and _last_checkpoint(out) is not None
     meter = EnergyMeter()
     meter.start()
     start = time.time()
-    train_out = trainer.train(resume_from_checkpoint=True if resume else None)
+    chain.resume(schedule, _last_checkpoint(out) if resume else None)  # replay merged links first
+    train_out = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if resume else None)
     runtime = time.time() - start
     if preemption.preempted(trainer.state):
         distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
     trainer.trained_tokens = distributed.all_sum(trainer.trained_tokens)  # every rank's tokens
     results["energy"] = meter.stop(trainer.trained_tokens)
-    results["train"] = {"loss": train_out.training_loss, "steps": trainer.state.global_step,
+    results["train"] = {"loss": distributed.mean_train_loss(trainer, train_out, resume),
+                        "steps": trainer.state.global_step,
                         "runtime_s": runtime, "tokens": trainer.trained_tokens,
                         "tokens_per_s": trainer.trained_tokens / max(runtime, 1e-9),
                         "resumed": bool(resume)}
     eval_after = trainer.evaluate()["eval_loss"] if val_ds else None
+    if eval_before is None and val_ds and cfg.eval.before:
+        eval_before = distributed.eval_loss_at_start(trainer)  # DeepSpeed: evaluated inside train()
     results["eval"] = {"loss_before": eval_before, "loss": eval_after}
     if cfg.eval.enabled and bench_here:
         bench = _benchmark(cfg, model, tokenizer)
@@ -144,10 +152,13 @@ def run(cfg, out: Path) -> dict:
         results["benchmark"] = bench
     else:
         results["benchmark"] = None
+    if schedule is not None:
+        results["chain"] = schedule.summary()  # per link: steps, rank, loss at the switch, |dW|
     distributed.save_weights(cfg, trainer, model, out, adapters.save_adapter)  # collective; rank 0 writes
     if trainer.is_world_process_zero():
         results["status"] = "completed"
         write_json_atomic(out / "results.json", results)
+        print(summary_line(results, out), flush=True)
     distributed.forget_deepspeed()
     if report_to:
         _finish_wandb(results)
@@ -172,8 +183,28 @@ def _finish_wandb(results: dict) -> None:
     wandb.finish()
 
 
-def _last_checkpoint(out: Path):
-    from transformers.trainer_utils import get_last_checkpoint
+def summary_line(results: dict, out: Path) -> str:
+    """What a researcher wants from a finished run, in one line: the losses and the benchmark."""
+    ev, bench = results["eval"], results.get("benchmark") or {}
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    parts = [f"eval loss {fmt(ev['loss_before'])} -> {fmt(ev['loss'])}" if ev["loss_before"] is not None
+             else f"eval loss {fmt(ev['loss'])}"]
+    if bench:
+        acc = f"{bench['name']} accuracy {fmt(bench.get('accuracy_before'))} -> {fmt(bench['accuracy'])}" \
+            if bench.get("accuracy_before") is not None else f"{bench['name']} accuracy {fmt(bench['accuracy'])}"
+        parts.append(f"{acc} ({bench['n_examples']} questions)")
+    parts.append(f"{results['train']['tokens_per_s']:.0f} tokens/s")
+    return f"[cola_train] {run_name_from(results)}: " + "; ".join(parts) + f"; results in {out / 'results.json'}"
 
-    ckpt = out / "checkpoints"
-    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+
+def run_name_from(results: dict) -> str:
+    c = results["config"]
+    return f"{c['method']['name']} on {c['data']['domain']} ({c['model']['name']}, {results['n_train_samples']} samples, seed {c['seed']})"
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    """The newest checkpoint that was completely written (see CheckpointCompleteMarker); a
+    checkpoint cut short by a kill is ignored rather than loaded half-written."""
+    from .trainer import last_complete_checkpoint
+
+    return last_complete_checkpoint(out / "checkpoints")

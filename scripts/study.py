@@ -39,7 +39,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.sweep_dir.mkdir(parents=True, exist_ok=True)
     shards = list(itertools.product(args.methods.split(","), [int(s) for s in args.seeds.split(",")]))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # parallel jobs share the cores: without this each one starts a thread per core
+    threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ, "PYTHONUNBUFFERED": "1"}
 
     def launch(shard):
         method, seed = shard

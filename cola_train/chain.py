@@ -1,0 +1,578 @@
+"""Chain of LoRA (Xia, Qin, Hazan 2024): a training schedule around a mergeable adapter.
+
+One run, one Trainer, the same data order and the same total number of optimizer steps as a
+plain LoRA run; only what is trained when changes. The steps are split into `links`; at the end
+of each link but the last:
+
+    1. merge:   W <- W + dW_link in every adapted layer, for good (adapters.merge_adapter +
+                the commit that adapters.reinit_adapter records, so save/export stay relative
+                to the original base);
+    2. re-init: a fresh module (Kaiming A, zero B: the model's output does not change), at the
+                link's rank from `rank_schedule`, drawn from a generator seeded by seed + link;
+    3. reset:   the optimizer keeps no state from the previous link; with `restart_lr` the
+                learning-rate schedule starts again over the new link's steps, otherwise one
+                schedule runs over the whole chain.
+
+`method.base` names the chained method (conf/method/<base>.yaml: lora, pissa, cola_fully,
+cola_random, cola_heuristic); the chain config's r / alpha / dropout / target_modules replace the
+base's, everything else (kind, init, strategy, num_A, num_B, impl) comes from the base file.
+
+DeepSpeed: under ZeRO-3 the adapter factors (and each base weight, one layer at a time) are
+gathered for the merge and scattered back from rank 0; under ZeRO-2/3 the optimizer's fp32 master
+copies are refreshed from the re-initialised weights. A changing rank needs new parameter
+tensors, which a DeepSpeed engine or DDP cannot take mid-run: rank_schedule with different ranks
+runs in a single process without DeepSpeed only.
+
+Logged per switch (metrics.jsonl and W&B, keys chain/*; results.json "chain" records, the last
+link's too, unmerged): the link, its steps and rank, the training loss logged at the switch step
+(a log is forced there: the mean since the previous log, the switch step's own loss with
+trainer.logging_steps=1), ||dW||_F of the link's update over all layers, per layer and its
+maximum, and ||sum of the merged dW||_F so far.
+
+Resume: a Trainer checkpoint of a PEFT model holds only the live adapter, so every checkpoint
+also gets `chain_state.json` (link, step within the link, the records so far) and
+`chain_state.safetensors` (each merged link's adapter weights). Before training continues the
+merged links are replayed on the fresh base (same code path, same seeds), then the Trainer loads
+the live link's adapter and optimizer state as usual.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from transformers import TrainerCallback
+
+from . import adapters
+from .adapters import peft_methods
+from .adapters.io import our_layers, require_info, unwrap
+from .config import ConfigError, MethodConfig
+
+log = logging.getLogger("cola_train")
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
+STATE_JSON = "chain_state.json"
+STATE_TENSORS = "chain_state.safetensors"
+FORMAT = "cola_train.chain/1"
+FROM_CHAIN = ("r", "alpha", "dropout", "target_modules")   # the per-link LoRA settings
+MERGEABLE = "lora, pissa, cola_fully, cola_random, cola_heuristic"
+
+
+# ----------------------------------------------------------------------------------------------
+# config: the base method, the link schedule, the checks
+
+
+def _field(m, key):
+    return m[key] if isinstance(m, dict) else getattr(m, key)
+
+
+def base_method(method_cfg) -> MethodConfig:
+    """The MethodConfig of the chained adapter: conf/method/<base>.yaml with the chain's
+    r / alpha / dropout / target_modules (r: the first link's rank when rank_schedule is set)."""
+    from omegaconf import OmegaConf
+
+    base = _field(method_cfg, "base")
+    path = CONF / f"{base}.yaml"
+    options = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "chain_of_lora")
+    if not base or not path.is_file():
+        raise ConfigError(f"method.base={base!r} is not a method config; choose from: {', '.join(options)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(path))
+        cfg = MethodConfig(**OmegaConf.to_container(merged, resolve=True))
+    except Exception as err:  # noqa: BLE001 - a broken YAML: one line naming the file
+        raise ConfigError(f"method.base={base!r}: {path} does not load ({str(err).splitlines()[0]})") from None
+    for key in FROM_CHAIN:
+        value = _field(method_cfg, key)
+        if key == "target_modules" and value is not None:
+            value = list(value)
+        setattr(cfg, key, value)
+    schedule = _field(method_cfg, "rank_schedule")
+    if schedule:
+        cfg.r = int(schedule[0])
+    return cfg
+
+
+def adapter_method(method_cfg):
+    """What attach_adapter gets: the base method for a chain, the method itself otherwise."""
+    return base_method(method_cfg) if _field(method_cfg, "kind") == "chain" else method_cfg
+
+
+def link_ranks(m) -> List[int]:
+    schedule = _field(m, "rank_schedule")
+    return [int(r) for r in schedule] if schedule else [int(_field(m, "r"))] * int(_field(m, "links"))
+
+
+def link_fractions(m) -> List[float]:
+    fractions = _field(m, "link_fractions")
+    links = int(_field(m, "links"))
+    return [float(f) for f in fractions] if fractions else [1.0 / links] * links
+
+
+def link_ends(total_steps: int, fractions: List[float]) -> List[int]:
+    """The global step at which each link ends (the last one at total_steps)."""
+    ends = [int(math.floor(total_steps * math.fsum(fractions[: i + 1]) + 0.5)) for i in range(len(fractions) - 1)]
+    return ends + [int(total_steps)]
+
+
+def _check_ends(ends: List[int], fractions: List[float], where: str) -> None:
+    links = len(ends)
+    if ends[-1] < links:
+        raise ConfigError(f"method.links={links} needs at least {links} training steps, but {where} gives {ends[-1]}")
+    start = 0
+    for i, end in enumerate(ends):
+        if end <= start:
+            raise ConfigError(f"method.link_fractions={fractions} leaves link {i} with no steps "
+                              f"out of the {ends[-1]} that {where} gives")
+        start = end
+
+
+def check_config(cfg) -> None:
+    """The chain's rules (config.validate calls this for method.kind=chain): one ConfigError."""
+    from . import distributed
+    from .adapters.spec import AdapterError, validate as validate_adapter
+
+    m = cfg.method
+    links = m.links
+    if not isinstance(links, int) or links < 1:
+        raise ConfigError(f"method.links={links} must be an integer >= 1")
+    if m.link_fractions is not None:
+        fractions = [float(f) for f in m.link_fractions]
+        if len(fractions) != links:
+            raise ConfigError(f"method.link_fractions has {len(fractions)} entries but method.links={links}")
+        bad = [f for f in fractions if not f > 0]
+        if bad:
+            raise ConfigError(f"method.link_fractions={fractions} has a non-positive entry {bad[0]}")
+        if abs(math.fsum(fractions) - 1.0) > 1e-6:
+            raise ConfigError(f"method.link_fractions={fractions} sums to {math.fsum(fractions):g}, not 1")
+    if m.rank_schedule is not None:
+        ranks = list(m.rank_schedule)
+        if len(ranks) != links:
+            raise ConfigError(f"method.rank_schedule has {len(ranks)} entries but method.links={links}")
+        bad = [r for r in ranks if not isinstance(r, int) or r < 1]
+        if bad:
+            raise ConfigError(f"method.rank_schedule={ranks} has an entry {bad[0]!r} that is not an integer >= 1")
+        if len(set(ranks)) > 1 and (distributed.deepspeed_enabled(cfg) or cfg.trainer.devices > 1):
+            raise ConfigError(f"method.rank_schedule={ranks} changes the rank, which needs new parameter tensors: "
+                              f"it runs in one process without DeepSpeed only (use one rank for all links)")
+    if m.base == "chain_of_lora" or m.base == m.name:
+        raise ConfigError(f"method.base={m.base!r} is a chain itself; name the method to chain ({MERGEABLE})")
+    base = base_method(m)
+    if base.kind == "chain":
+        raise ConfigError(f"method.base={m.base!r} is a chain itself; name the method to chain ({MERGEABLE})")
+    if base.kind == "none":
+        raise ConfigError(f"method.base={m.base!r} is full fine-tuning: there is no adapter to merge ({MERGEABLE})")
+    if base.kind in ("hydralora", "mole"):
+        raise ConfigError(f"method.base={m.base!r} routes each token, so its update cannot be merged into the "
+                          f"weights; chain a mergeable method ({MERGEABLE})")
+    if base.kind == "peft" and base.use_dora:
+        raise ConfigError(f"method.base={m.base!r}: a merged DoRA update is not low-rank and cannot be committed; "
+                          f"chain a mergeable method ({MERGEABLE})")
+    try:
+        validate_adapter(base)
+    except AdapterError as err:
+        raise ConfigError(f"method.base={m.base!r}: {err}") from None
+    if links > 1 and m.restart_lr and distributed.deepspeed_enabled(cfg) \
+            and "scheduler" in distributed.deepspeed_config(cfg):
+        raise ConfigError(f"method.restart_lr=true restarts the trainer's schedule, but deepspeed={cfg.deepspeed.name} "
+                          f"brings its own scheduler; drop deepspeed.config.scheduler or set method.restart_lr=false")
+    if cfg.trainer.max_steps > 0:
+        fractions = link_fractions(m)
+        steps = cfg.trainer.max_steps
+        _check_ends(link_ends(steps, fractions), fractions, f"trainer.max_steps={steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# one switch, on a plain or a DeepSpeed-partitioned model
+
+
+def _short(name: str) -> str:
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def _layers(model) -> List[Tuple[str, torch.nn.Module, bool]]:
+    """(name, layer, is_peft) for every adapted layer, names as in the base model."""
+    if require_info(model)["method"].kind == "peft":
+        return [(_short(n), m, True) for n, m in peft_methods.lora_layers(model)]
+    return [(n, layer, False) for n, layer in our_layers(model).items()]
+
+
+@torch.no_grad()
+def _factors(layer, is_peft: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 CPU (A, B) with the layer's mergeable update == B @ A (scaling folded into B)."""
+    if is_peft:
+        A, B = peft_methods.current_factors(layer)
+    else:
+        A, B = layer.factors(dtype=torch.float32)
+    return A.detach().to("cpu", torch.float32, copy=True), B.detach().to("cpu", torch.float32, copy=True)
+
+
+def frobenius(A: torch.Tensor, B: torch.Tensor) -> float:
+    """||B @ A||_F from the r x r Gram matrices, without forming the d_out x d_in product."""
+    A, B = A.double(), B.double()
+    return math.sqrt(max(0.0, float(torch.sum((B.T @ B) * (A @ A.T)))))
+
+
+def _zero_params(params) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+@contextlib.contextmanager
+def gathered(params, modify: bool):
+    """ZeRO-3: gather the parameters on every rank (modify: rank 0's values are scattered back
+    on exit); a no-op for ordinary tensors. Every rank must enter it (a collective)."""
+    params = list(params)
+    if not _zero_params(params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Draw from a generator seeded by `seed` without disturbing the run's own random stream."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def _trainable(model) -> Dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def _merge(model, layers) -> None:
+    """W <- W + dW in every adapted layer (ZeRO-3: one base weight gathered at a time)."""
+    if not layers or not layers[0][2]:
+        adapters.merge_adapter(model)  # our layers gather their own base weight
+        return
+    for _, layer, _ in layers:  # PEFT's merge does not gather: do it per layer
+        with gathered([layer.get_base_layer().weight], modify=True):
+            layer.merge(adapter_names=[peft_methods.ADAPTER])
+
+
+def current_factors(model) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """The live link's per-layer factors (gathers under ZeRO-3, read-only)."""
+    model = unwrap(model)
+    with gathered(_trainable(model).values(), modify=False):
+        return {name: _factors(layer, is_peft) for name, layer, is_peft in _layers(model)}
+
+
+def switch(model, next_rank: int, seed: int):
+    """End a link: record its factors and weights, merge it into the base for good, start a
+    fresh module at `next_rank` from a generator seeded by `seed`. The model's output is
+    unchanged. Returns ({param name: CPU copy}, {layer: (A, B)}) of the link that ended."""
+    model = unwrap(model)
+    trainable = _trainable(model)
+    with gathered(trainable.values(), modify=True):
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
+        layers = _layers(model)
+        factors = {name: _factors(layer, is_peft) for name, layer, is_peft in layers}
+        _merge(model, layers)
+        with seeded(seed):
+            adapters.reinit_adapter(model, rank=next_rank)
+    return weights, factors
+
+
+def norms(factors: Dict[str, tuple], previous: List[Dict[str, tuple]]) -> dict:
+    """Frobenius norms of this link's update dW (all layers together and per layer) and of the
+    sum of every update merged so far, this one included."""
+    per_layer = {name: frobenius(A, B) for name, (A, B) in factors.items()}
+    total = 0.0
+    for name, (A, B) in factors.items():
+        As = [f[name][0] for f in previous] + [A]
+        Bs = [f[name][1] for f in previous] + [B]
+        total += frobenius(torch.cat(As, 0), torch.cat(Bs, 1)) ** 2
+    worst = max(per_layer, key=per_layer.get) if per_layer else None
+    return {"delta_norm": math.sqrt(math.fsum(v * v for v in per_layer.values())),
+            "cumulative_delta_norm": math.sqrt(total),
+            "layer_norm_max": per_layer.get(worst) if worst else None, "layer_norm_max_name": worst,
+            "layer_norm_mean": (math.fsum(per_layer.values()) / len(per_layer)) if per_layer else None,
+            "layer_norms": per_layer}
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer and the learning-rate schedule
+
+
+def _engine(trainer):
+    return trainer.model_wrapped if getattr(trainer, "is_deepspeed_enabled", False) else None
+
+
+def _inner_optimizer(opt):
+    while getattr(opt, "optimizer", None) is not None:  # accelerate / DeepSpeed wrappers
+        opt = opt.optimizer
+    return opt
+
+
+def reset_optimizer(trainer, names_before: Dict[int, str]) -> None:
+    """No state from the previous link: Adam's moments and step counts go; new parameter tensors
+    (a rank change) replace the old ones in the param groups; under ZeRO the fp32 master copies
+    are refreshed from the re-initialised weights."""
+    engine = _engine(trainer)
+    inner = _inner_optimizer(trainer.optimizer)
+    if engine is None:
+        current = dict(trainer.model.named_parameters())
+        for group in inner.param_groups:
+            group["params"] = [current[names_before[id(p)]] if id(p) in names_before else p
+                               for p in group["params"]]
+    inner.state.clear()
+    for group in inner.param_groups:
+        group.pop("step", None)  # optimizers that count per group (e.g. FusedAdam)
+    if engine is not None:
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+
+
+def _scheduler_optimizer(trainer):
+    """What the trainer's scheduler drives: the torch optimizer inside a DeepSpeed engine (as
+    transformers hands it to DeepSpeed), accelerate's wrapped optimizer otherwise."""
+    engine = _engine(trainer)
+    if engine is not None:
+        return getattr(engine, "basic_optimizer", None) or _inner_optimizer(engine.optimizer)
+    return trainer.optimizer
+
+
+def _current_scheduler(trainer):
+    engine = _engine(trainer)
+    return engine.lr_scheduler if engine is not None else trainer.lr_scheduler
+
+
+def restart_schedule(trainer, steps: int, continue_from=None) -> None:
+    """The trainer's learning-rate schedule again, over `steps` steps (one link); with
+    `continue_from` (a resume) that scheduler's position and learning rates are kept."""
+    optimizer = _scheduler_optimizer(trainer)
+    shallow = copy.copy(trainer)  # as transformers' DeepSpeed integration does
+    shallow.lr_scheduler = None
+    scheduler = shallow.create_scheduler(num_training_steps=steps, optimizer=optimizer)
+    if continue_from is not None:
+        scheduler.load_state_dict(continue_from.state_dict())
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    engine = _engine(trainer)
+    if engine is not None:
+        engine.lr_scheduler = scheduler           # the engine steps it
+        if hasattr(trainer.lr_scheduler, "scheduler"):
+            trainer.lr_scheduler.scheduler = scheduler
+    else:
+        trainer.lr_scheduler = scheduler
+    trainer.callback_handler.lr_scheduler = trainer.lr_scheduler
+
+
+# ----------------------------------------------------------------------------------------------
+# the schedule as a Trainer callback
+
+
+class ChainSchedule(TrainerCallback):
+    """Switches links at their last step (on_step_end), logs each switch, saves and restores
+    the chain with every checkpoint. One per run; `attach` adds it to the trainer."""
+
+    def __init__(self, cfg, trainer):
+        m = cfg.method
+        self.trainer = trainer
+        self.seed = int(cfg.seed)
+        self.base = m.base
+        self.links = int(m.links)
+        self.fractions = link_fractions(m)
+        self.ranks = link_ranks(m)
+        self.restart_lr = bool(m.restart_lr)
+        self.ends: Optional[List[int]] = None
+        self.link = 0
+        self.records: List[dict] = []                    # one per merged link (+ the last at the end)
+        self.merged_factors: List[Dict[str, tuple]] = []  # CPU (A, B) per merged link, per layer
+        self.merged_weights: List[Dict[str, torch.Tensor]] = []  # for chain_state (resume)
+        self._switched_at: Optional[int] = None
+        self._last_loss: Optional[Tuple[int, float]] = None
+        self._restored_from: Optional[str] = None
+
+    def _info(self, *args) -> None:
+        if self.trainer.is_world_process_zero():
+            log.info(*args)
+
+    # -- schedule ----------------------------------------------------------------------------
+    def start_of(self, link: int) -> int:
+        return 0 if link == 0 else self.ends[link - 1]
+
+    def link_at(self, step: int) -> int:
+        """The link that trains optimizer step `step` + 1 (after `step` steps are done)."""
+        return sum(1 for end in self.ends[:-1] if end <= step)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        ends = link_ends(state.max_steps, self.fractions)
+        _check_ends(ends, self.fractions, f"the trainer's step count ({state.max_steps} steps)")
+        if self.ends is not None and self.ends != ends:  # restored from a checkpoint
+            raise ConfigError(f"the checkpoint's chain ends its links at steps {self.ends}, but this run "
+                              f"({state.max_steps} steps, links={self.links}) would end them at {ends}")
+        self.ends = ends
+        if args.world_size > 1 and len(set(self.ranks)) > 1:
+            raise ConfigError(f"method.rank_schedule={self.ranks} changes the rank, which needs new parameter "
+                              f"tensors: it runs in one process only ({args.world_size} ranks here)")
+        link = self.link_at(state.global_step)
+        if link != self.link:
+            raise ConfigError(f"resuming at step {state.global_step} (link {link}) but the chain state says link "
+                              f"{self.link}: the checkpoint has no matching {STATE_JSON}")
+        if self.restart_lr and self.links > 1:
+            steps = self.ends[link] - self.start_of(link)
+            resumed = state.global_step > self.start_of(link)
+            restart_schedule(self.trainer, steps, _current_scheduler(self.trainer) if resumed else None)
+        self._info("Chain of LoRA: %d links (base %s) ending at steps %s, ranks %s, %s", self.links, self.base,
+                   self.ends, self.ranks, "lr restarts per link" if self.restart_lr else "one lr schedule")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.ends is None or self.link >= self.links - 1 or step != self.ends[self.link]:
+            return control
+        self._switch_now(step)
+        control.should_log = True  # the loss at the switch goes into the record
+        return control
+
+    def _switch_now(self, step: int) -> None:
+        trainer, ended, nxt = self.trainer, self.link, self.link + 1
+        names_before = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        weights, factors = switch(trainer.model, self.ranks[nxt], self.seed + nxt)
+        reset_optimizer(trainer, names_before)
+        if self.restart_lr:
+            restart_schedule(trainer, self.ends[nxt] - self.ends[ended])
+        self._record(ended, weights, factors)
+        self.link = nxt
+        self._switched_at = step
+        self._info("Chain of LoRA: link %d merged at step %d (|dW|_F = %.4g); link %d starts at rank %d",
+                   ended, step, self.records[-1]["delta_norm"], nxt, self.ranks[nxt])
+
+    def _record(self, link: int, weights, factors, merged: bool = True) -> dict:
+        stats = norms(factors, self.merged_factors)
+        record = {"link": link, "start_step": self.start_of(link), "end_step": self.ends[link],
+                  "rank": self.ranks[link], "merged": merged, "loss_at_switch": None, **stats}
+        if merged:
+            self.merged_factors.append(factors)
+            self.merged_weights.append(weights)
+        self.records.append(record)
+        return record
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            return control
+        self._last_loss = (state.global_step, float(logs["loss"]))
+        if self._switched_at is not None and state.global_step == self._switched_at:
+            self._switched_at = None
+            record = self.records[-1]
+            record["loss_at_switch"] = float(logs["loss"])
+            self.trainer.log({  # after the loss row, in metrics.jsonl and W&B alike
+                "chain/link": record["link"], "chain/loss_at_switch": record["loss_at_switch"],
+                "chain/delta_norm": record["delta_norm"],
+                "chain/cumulative_delta_norm": record["cumulative_delta_norm"],
+                "chain/layer_norm_max": record["layer_norm_max"], "chain/next_rank": self.ranks[record["link"] + 1],
+            })
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.ends is None or state.global_step < self.ends[-1] or self.link != self.links - 1:
+            return control  # stopped early (preemption): the last link is not finished
+        if any(r["link"] == self.link for r in self.records):
+            return control
+        record = self._record(self.link, None, current_factors(self.trainer.model), merged=False)
+        if self._last_loss and self._last_loss[0] == state.global_step:
+            record["loss_at_switch"] = self._last_loss[1]
+        return control
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if not state.is_world_process_zero:
+            return control
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if directory.is_dir():
+            self.save_state(directory, state.global_step)
+        return control
+
+    def save_state(self, directory, global_step: int) -> None:
+        from safetensors.torch import save_file
+
+        from .results import write_json_atomic
+
+        directory = Path(directory)
+        tensors = {f"link{i}:{name}": t.contiguous() for i, w in enumerate(self.merged_weights)
+                   for name, t in w.items()}
+        if tensors:
+            save_file(tensors, str(directory / STATE_TENSORS))
+        write_json_atomic(directory / STATE_JSON, {
+            "format": FORMAT, "link": self.link, "global_step": global_step,
+            "step_in_link": global_step - self.start_of(self.link), "ends": self.ends, "ranks": self.ranks,
+            "fractions": self.fractions, "restart_lr": self.restart_lr, "base": self.base, "seed": self.seed,
+            "records": [r for r in self.records if r["merged"]],
+        })
+
+    def restore(self, checkpoint) -> None:
+        """Before trainer.train(resume_from_checkpoint=...): replay the merged links on the fresh
+        base and re-initialise at the live link's rank, so the Trainer can load its adapter."""
+        from safetensors.torch import load_file
+
+        checkpoint = Path(checkpoint)
+        path = checkpoint / STATE_JSON
+        if not path.is_file():
+            raise ConfigError(f"cannot resume Chain of LoRA from {checkpoint}: it has no {STATE_JSON} "
+                              f"(not written by a method.kind=chain run)")
+        saved = json.loads(path.read_text())
+        if saved.get("format") != FORMAT:
+            raise ConfigError(f"{path} has format {saved.get('format')!r}, expected {FORMAT!r}")
+        for key, mine in (("base", self.base), ("ranks", self.ranks), ("seed", self.seed),
+                          ("restart_lr", self.restart_lr)):
+            if saved[key] != mine:
+                raise ConfigError(f"cannot resume from {checkpoint}: its chain has {key}={saved[key]!r}, "
+                                  f"this run has {mine!r}")
+        if len(saved["ends"]) != self.links:
+            raise ConfigError(f"cannot resume from {checkpoint}: its chain has {len(saved['ends'])} links, "
+                              f"this run method.links={self.links}")
+        tensors = load_file(str(checkpoint / STATE_TENSORS)) if saved["link"] > 0 else {}
+        self.ends = list(saved["ends"])
+        model = unwrap(self.trainer.model)
+        for i in range(saved["link"]):
+            prefix = f"link{i}:"
+            weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            params = _trainable(model)
+            if set(weights) != set(params):
+                raise ConfigError(f"{checkpoint / STATE_TENSORS}: link {i}'s weights do not match this model's "
+                                  f"adapter ({len(weights)} vs {len(params)} tensors)")
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.data.copy_(weights[name].to(p.device, p.dtype))
+            weights, factors = switch(model, self.ranks[i + 1], self.seed + i + 1)
+            self.merged_factors.append(factors)
+            self.merged_weights.append(weights)
+        self.records = [dict(r) for r in saved["records"]]
+        self.link = int(saved["link"])
+        self._restored_from = str(checkpoint)
+        self._info("Chain of LoRA: resuming in link %d (%d merged links replayed) from %s", self.link, self.link,
+                   checkpoint)
+
+    # -- results -----------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {"base": self.base, "links": self.links, "fractions": self.fractions, "ranks": self.ranks,
+                "ends": self.ends, "restart_lr": self.restart_lr, "current_link": self.link,
+                "resumed_from": self._restored_from, "records": self.records}
+
+
+def attach(cfg, trainer) -> Optional[ChainSchedule]:
+    """Add the schedule to the trainer for a chain run; None (nothing to do) otherwise."""
+    if cfg.method.kind != "chain":
+        return None
+    schedule = ChainSchedule(cfg, trainer)
+    trainer.add_callback(schedule)
+    return schedule
+
+
+def resume(schedule: Optional[ChainSchedule], checkpoint) -> None:
+    """Replay the merged links of `checkpoint` (a run being resumed) before training continues."""
+    if schedule is not None and checkpoint is not None:
+        schedule.restore(checkpoint)

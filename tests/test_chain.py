@@ -1,0 +1,475 @@
+"""Chain of LoRA (method=chain_of_lora): the switch is exact, the base collects the merged updates,
+the optimizer starts each link empty, links=1 is plain LoRA, resume replays the chain, DeepSpeed
+ZeRO-2/3 agree with one plain process, and bad input is one line.
+
+Trainer-level runs use TINY (tiny_llama, 8 samples, one batch of 8, 8 steps, checkpoints every 4)
+with lr 5e-3 so the adapters move, and dropout 0 so DeepSpeed and plain runs see the same numbers.
+With 8 steps and 3 equal links the switches are at steps 3 and 5 (links of 3, 2, 3 steps).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cola_train import chain
+from cola_train.adapters.io import unwrap
+from cola_train.config import ConfigError, validate
+from conftest import REPO, TINY, compose
+
+CHAIN = TINY + ["method=chain_of_lora", "trainer.lr=5e-3", "method.dropout=0", "trainer.save_total_limit=3"]
+IDS = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+# DeepSpeed's CPU backend JIT-builds a shared-memory op at start-up; a cache of our own keeps it
+# from being rebuilt whenever another build variant used the shared ~/.cache/torch_extensions.
+EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".pytest_cache" / "torch_extensions")
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method.links=0"], r"method\.links=0 must be an integer >= 1"),
+    (["method.link_fractions=[0.5,0.3,0.1]"], r"link_fractions=\[0\.5, 0\.3, 0\.1\] sums to 0\.9, not 1"),
+    (["method.link_fractions=[1.2,0.0,-0.2]"], r"link_fractions=\[1\.2, 0\.0, -0\.2\] has a non-positive entry 0\.0"),
+    (["method.link_fractions=[0.5,0.5]"], r"method\.link_fractions has 2 entries but method\.links=3"),
+    (["method.rank_schedule=[8,4]"], r"method\.rank_schedule has 2 entries but method\.links=3"),
+    (["method.rank_schedule=[8,0,4]"], r"method\.rank_schedule=\[8, 0, 4\] has an entry 0 that is not an integer >= 1"),
+    (["method.rank_schedule=[8,4,2]", "deepspeed=zero3"], r"changes the rank, which needs new parameter tensors"),
+    (["method.base=hydralora"], r"method\.base='hydralora' routes each token"),
+    (["method.base=dora"], r"method\.base='dora': a merged DoRA update is not low-rank"),
+    (["method.base=fft"], r"method\.base='fft' is full fine-tuning"),
+    (["method.base=chain_of_lora"], r"method\.base='chain_of_lora' is a chain itself"),
+    (["method.base=lorra"], r"method\.base='lorra' is not a method config; choose from: .*cola_heuristic.*lora"),
+    (["trainer.max_steps=2"], r"method\.links=3 needs at least 3 training steps, but trainer\.max_steps=2 gives 2"),
+    (["trainer.max_steps=4", "method.link_fractions=[0.1,0.1,0.8]"], r"leaves link 0 with no steps"),
+])
+def test_bad_chain_config_is_one_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(compose(["method=chain_of_lora", *overrides]))
+    assert "\n" not in str(err.value)
+
+
+def test_bad_chain_config_on_the_command_line_is_one_line(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli(TINY + ["method=chain_of_lora", "method.link_fractions=[0.5,0.25,0.2]",
+                           f"hydra.run.dir={tmp_path}"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: method.link_fractions=[0.5, 0.25, 0.2] sums to 0.95, not 1"
+
+
+def test_base_method_takes_the_chains_lora_settings():
+    cfg = compose(["method=chain_of_lora", "method.base=cola_heuristic", "method.r=4", "method.alpha=32",
+                   "method.dropout=0.1", "method.target_modules=[q_proj,v_proj]"])
+    validate(cfg)
+    base = chain.base_method(cfg.method)
+    assert (base.kind, base.strategy, base.init, base.num_A, base.num_B) == ("cola", "heuristic", "pissa", 2, 3)
+    assert (base.r, base.alpha, base.dropout, base.target_modules) == (4, 32.0, 0.1, ["q_proj", "v_proj"])
+    first = chain.base_method(compose(["method=chain_of_lora", "method.rank_schedule=[16,8,4]"]).method)
+    assert (first.kind, first.r) == ("peft", 16)
+    lora = compose(["method=lora"]).method
+    assert chain.adapter_method(lora) is lora
+
+
+def test_link_ends():
+    assert chain.link_ends(8, [1 / 3] * 3) == [3, 5, 8]
+    assert chain.link_ends(100, [0.5, 0.3, 0.2]) == [50, 80, 100]
+    assert chain.link_ends(10, [0.1] * 10) == list(range(1, 11))
+    assert chain.link_ends(7, [1.0]) == [7]
+
+
+# -- the switch on a bare model (every mergeable base) ---------------------------------------------
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=259,
+                                        max_position_embeddings=64)).eval()
+
+
+def _logits(model):
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=IDS).logits.double()
+    model.train(was)
+    return out
+
+
+def _base_weights(model) -> dict:
+    out = {}
+    for name, layer, is_peft in chain._layers(unwrap(model)):
+        weight = layer.get_base_layer().weight if is_peft else layer.base_layer.weight
+        with chain.gathered([weight], modify=False):
+            out[name] = weight.detach().double().clone()
+    return out
+
+
+@torch.no_grad()
+def _train_a_bit(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in unwrap(model).parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("base,ranks", [("lora", [4, 4, 4]), ("lora", [4, 2, 6]), ("pissa", [4, 4, 4]),
+                                        ("cola_heuristic", [4, 2, 4]), ("cola_random", [4, 4, 4]),
+                                        ("cola_fully", [4, 4, 2])])
+def test_switch_is_exact_and_the_base_collects_every_update(base, ranks):
+    from cola_train.adapters import attach_adapter, merged_model
+
+    schedule = ",".join(map(str, ranks))
+    m = compose(["method=chain_of_lora", f"method.base={base}", f"method.rank_schedule=[{schedule}]",
+                 "method.dropout=0"]).method
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = attach_adapter(_llama(), chain.adapter_method(m), targets)
+    start = _base_weights(model)  # the live base at step 0 (PiSSA: the residual)
+    total = {k: torch.zeros_like(v) for k, v in start.items()}
+    for link in range(len(ranks)):
+        _train_a_bit(model, seed=link)
+        if link == len(ranks) - 1:
+            break
+        before = _logits(model)
+        _, factors = chain.switch(model, ranks[link + 1], seed=7 + link)
+        torch.testing.assert_close(_logits(model), before, rtol=0, atol=2e-5)   # the switch is exact
+        for name, (A, B) in factors.items():
+            total[name] += B.double() @ A.double()
+        for name, W in _base_weights(model).items():                           # W = W_0 + sum of merged dW
+            torch.testing.assert_close(W, start[name] + total[name], rtol=0, atol=2e-6)
+        rank = ranks[link + 1]  # the fresh module's (CoLA heuristic, m=2: A stacks 2 x r rows)
+        assert {A.shape[0] for A, _ in chain.current_factors(model).values()} <= {rank, 2 * rank}
+    for name, (A, B) in chain.current_factors(model).items():                  # + the last link
+        total[name] += B.double() @ A.double()
+    final = merged_model(model)
+    for name, layer in ((n, final.get_submodule(n)) for n in start):
+        torch.testing.assert_close(layer.weight.detach().double(), start[name] + total[name], rtol=0, atol=2e-6)
+
+
+# -- trainer runs, instrumented --------------------------------------------------------------------
+
+def probe_run(overrides: list[str], out: Path) -> dict:
+    """run() with probes around every switch; returns what they saw (JSON-able, so a DeepSpeed run
+    in a fresh process can report it too)."""
+    from cola_train.run import run
+    from transformers import TrainerCallback
+
+    seen = {"switch_logit_diff": [], "sum_error": [], "state_after_reset": [], "groups_are_params": [],
+            "fp32_gap": [], "steps_after_switch": []}
+    box: dict = {}
+    real_attach, real_switch, real_reset = chain.attach, chain.switch, chain.reset_optimizer
+
+    def fp32_gap(trainer) -> float:
+        engine = chain._engine(trainer)
+        if engine is None:
+            return 0.0
+        opt = engine.optimizer
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            pairs = zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat)
+        else:                                              # ZeRO-1/2, one rank
+            pairs = ((b[0], f) for b, f in zip(opt.parallel_partitioned_bit16_groups,
+                                               opt.single_partition_of_fp32_groups))
+        return max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
+
+    class AfterSwitch(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            box["live"] = True  # switches from here on are the run's, not a resume's replay
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if box.get("switched_at") == state.global_step - 1:  # the first step of a new link
+                inner = chain._inner_optimizer(box["trainer"].optimizer)
+                seen["steps_after_switch"].append(sorted({float(s["step"]) for s in inner.state.values()}))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            box["final_weights"] = _base_weights(box["trainer"].model)
+            box["final_factors"] = chain.current_factors(box["trainer"].model)
+
+    def attach(cfg, trainer):
+        schedule = real_attach(cfg, trainer)
+        box.update(trainer=trainer, schedule=schedule, start=_base_weights(trainer.model))
+        box["delta"] = {k: torch.zeros_like(v) for k, v in box["start"].items()}
+        trainer.add_callback(AfterSwitch())
+        return schedule
+
+    def switch(model, rank, seed):
+        before = _logits(model)
+        weights, factors = real_switch(model, rank, seed)
+        if box.get("live"):
+            seen["switch_logit_diff"].append(float((_logits(model) - before).abs().max()))
+            for name, (A, B) in factors.items():
+                box["delta"][name] += B.double() @ A.double()
+            now = _base_weights(model)
+            seen["sum_error"].append(max(float((now[k] - box["start"][k] - box["delta"][k]).abs().max())
+                                         for k in now))
+        return weights, factors
+
+    def reset(trainer, names_before):
+        real_reset(trainer, names_before)
+        inner = chain._inner_optimizer(trainer.optimizer)
+        seen["state_after_reset"].append(len(inner.state))
+        if chain._engine(trainer) is None:
+            live = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+            in_groups = [id(p) for g in inner.param_groups for p in g["params"]]
+            seen["groups_are_params"].append(set(in_groups) == live and len(in_groups) == len(live))
+        seen["fp32_gap"].append(fp32_gap(trainer))
+        box["switched_at"] = trainer.state.global_step
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chain, "attach", attach)
+        mp.setattr(chain, "switch", switch)
+        mp.setattr(chain, "reset_optimizer", reset)
+        results = run(compose(CHAIN + overrides), out)
+    if "final_weights" in box:
+        seen["end_sum_error"] = max(float((box["final_weights"][k] - box["start"][k] - box["delta"][k]).abs().max())
+                                    for k in box["start"])
+        seen["all_links"] = {k: (box["start"][k] + box["delta"][k]
+                                 + box["final_factors"][k][1].double() @ box["final_factors"][k][0].double()).tolist()
+                             for k in box["start"]}
+    seen["results"] = results
+    return seen
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(out) if "loss" in r}
+
+
+def _adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted((out / "adapter").glob("*.safetensors")):
+        tensors.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def equal_links(tmp_path_factory, data_root):
+    """3 equal links of rank 8, lr restarting per link; checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("chain") / "run"
+    return out, probe_run([], out)
+
+
+@pytest.fixture(scope="module")
+def falling_ranks(tmp_path_factory, data_root):
+    """3 links of rank 8, 4, 2 with one learning-rate schedule over the whole chain."""
+    out = tmp_path_factory.mktemp("chain") / "run"
+    return out, probe_run(["method.rank_schedule=[8,4,2]", "method.restart_lr=false"], out)
+
+
+def _check_probes(seen: dict, switches: int = 2) -> None:
+    assert len(seen["switch_logit_diff"]) == switches
+    assert max(seen["switch_logit_diff"]) < 2e-5, seen["switch_logit_diff"]   # exact up to fp32 rounding
+    assert max(seen["sum_error"]) < 1e-6, seen["sum_error"]                   # W = W_0 + sum merged dW
+    assert seen["end_sum_error"] < 1e-6                                        # ... still at the end
+    assert seen["state_after_reset"] == [0] * switches                         # no state survives a switch
+    assert seen["steps_after_switch"] == [[1.0]] * switches                   # Adam restarts at step 1
+    assert max(seen["fp32_gap"]) == 0.0                                        # ZeRO masters refreshed
+
+
+@pytest.mark.parametrize("which", ["equal_links", "falling_ranks"])
+def test_run_switches_exactly_and_logs_each_link(which, request):
+    out, seen = request.getfixturevalue(which)
+    _check_probes(seen)
+    if which == "falling_ranks":
+        assert seen["groups_are_params"] == [True, True]  # the optimizer trains the new tensors
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed" and res["train"]["steps"] == 8
+    section = res["chain"]
+    assert section["ends"] == [3, 5, 8] and section["links"] == 3
+    assert [r["link"] for r in section["records"]] == [0, 1, 2]
+    assert [r["merged"] for r in section["records"]] == [True, True, False]
+    assert [r["rank"] for r in section["records"]] == ([8, 4, 2] if which == "falling_ranks" else [8, 8, 8])
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] * 0.95
+    logged = [r for r in _rows(out) if "chain/link" in r]
+    assert [(r["step"], r["chain/link"]) for r in logged] == [(3, 0), (5, 1)]
+    for row, record in zip(logged, section["records"]):
+        assert row["chain/loss_at_switch"] == record["loss_at_switch"] == losses[row["step"]]
+        assert row["chain/delta_norm"] == pytest.approx(record["delta_norm"]) and record["delta_norm"] > 0
+        per_layer = record["layer_norms"]
+        assert math.sqrt(sum(v * v for v in per_layer.values())) == pytest.approx(record["delta_norm"])
+    assert section["records"][1]["cumulative_delta_norm"] <= sum(r["delta_norm"] for r in section["records"][:2])
+    lrs = [r["learning_rate"] for r in _rows(out) if "loss" in r]
+    cosine = lambda t, n: 5e-3 * 0.5 * (1 + math.cos(math.pi * t / n))  # noqa: E731
+    if which == "equal_links":   # restarts at each link: lengths 3, 2, 3
+        expected = [cosine(t, n) for n in (3, 2, 3) for t in range(n)]
+    else:                        # one schedule over the 8 steps
+        expected = [cosine(t, 8) for t in range(8)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("which", ["equal_links", "falling_ranks"])
+def test_saved_adapter_is_the_original_base_plus_every_link(which, request):
+    """The run's adapter reloads on a fresh base and merges to W_0 + dW_1 + ... + dW_L."""
+    from cola_train.adapters import load_adapter, merged_model
+    from cola_train.models import load_model, resolve_dtype
+
+    out, seen = request.getfixturevalue(which)
+    from transformers import set_seed
+
+    cfg = compose(CHAIN)
+    set_seed(cfg.seed)  # run() draws the tiny model's random weights right after this
+    merged = merged_model(load_adapter(load_model(cfg.model, resolve_dtype(cfg.model.dtype)), out / "adapter"))
+    for name, expected in seen["all_links"].items():
+        got = merged.get_submodule(name).weight.detach().double()
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=2e-6)
+
+
+def test_one_link_is_plain_lora(tmp_path, data_root):
+    from cola_train.run import run
+
+    run(compose(TINY + ["method=lora", "trainer.lr=5e-3"]), tmp_path / "lora")
+    res = run(compose(TINY + ["method=chain_of_lora", "method.links=1", "trainer.lr=5e-3"]), tmp_path / "chain")
+    assert _losses(tmp_path / "chain") == _losses(tmp_path / "lora")   # bit for bit, every step
+    ours, theirs = _adapter(tmp_path / "chain"), _adapter(tmp_path / "lora")
+    assert ours.keys() == theirs.keys() and ours
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert [r["merged"] for r in res["chain"]["records"]] == [False]
+
+
+@pytest.mark.parametrize("which", ["equal_links", "falling_ranks"])
+def test_resume_replays_the_merged_links(which, request, tmp_path):
+    """Killed after the step-4 checkpoint (link 1, one link merged; falling_ranks: rank 4), resumed:
+    the same losses, link switch and final adapter as the uninterrupted run."""
+    from cola_train.run import run
+
+    full, _ = request.getfixturevalue(which)
+    state = json.loads((full / "checkpoints" / "checkpoint-4" / chain.STATE_JSON).read_text())
+    assert (state["link"], state["step_in_link"], len(state["records"])) == (1, 1, 1)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "checkpoint-8")
+    (part / "results.json").unlink()
+    (part / "metrics.jsonl").unlink()
+    extra = ["method.rank_schedule=[8,4,2]", "method.restart_lr=false"] if which == "falling_ranks" else []
+    res = run(compose(CHAIN + extra + ["trainer.resume=true"]), part)
+    assert res["train"]["resumed"] is True and res["chain"]["resumed_from"].endswith("checkpoint-4")
+    full_losses, resumed = _losses(full), _losses(part)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in resumed] == pytest.approx([full_losses[s] for s in resumed], rel=1e-6)
+    assert [r["link"] for r in res["chain"]["records"]] == [0, 1, 2]
+    full_res = json.loads((full / "results.json").read_text())
+    assert res["eval"]["loss"] == pytest.approx(full_res["eval"]["loss"], rel=1e-6)
+    ours, theirs = _adapter(part), _adapter(full)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_a_different_chain(equal_links, tmp_path):
+    from cola_train.run import run
+
+    part = tmp_path / "part"
+    shutil.copytree(equal_links[0], part)
+    with pytest.raises(ConfigError, match=r"its chain has ranks=\[8, 8, 8\], this run has \[8, 4, 2\]"):
+        run(compose(CHAIN + ["method.rank_schedule=[8,4,2]", "trainer.resume=true"]), part)
+
+
+# -- DeepSpeed, one process (each in a fresh interpreter: DeepSpeed leaves global state) ---------
+
+def _in_fresh_process(code: str) -> None:
+    full = "import json, sys; from pathlib import Path; sys.path.insert(0, 'tests'); import test_chain; " + code
+    proc = subprocess.run([sys.executable, "-c", full], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": EXTENSIONS})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_one_process_matches_plain_and_resumes(zero, equal_links, tmp_path):
+    """ZeRO-2/3 on one CPU process: switches gather, merge and scatter back exactly, the optimizer
+    restarts empty with its fp32 masters refreshed, and every step's loss matches the plain run.
+    Then a resume from the step-4 checkpoint (mid link 1, lr restarted at step 3) continues it."""
+    out = tmp_path / zero
+    extra = [f"deepspeed={zero}"]
+    if zero == "zero3":  # partition the small adapter matrices too
+        extra.append("deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0")
+    else:  # 2e8-element buckets cost seconds per step on a CPU; the tiny model needs far less
+        extra += [f"deepspeed.config.zero_optimization.{k}_bucket_size=1000000" for k in ("reduce", "allgather")]
+    _in_fresh_process(f"seen = test_chain.probe_run({extra!r}, Path({str(out)!r})); seen.pop('all_links', None); "
+                      f"Path({str(out / 'probe.json')!r}).write_text(json.dumps(seen, default=str))")
+    seen = json.loads((out / "probe.json").read_text())
+    _check_probes(seen)
+    ref_out, _ = equal_links
+    ref, ours = _losses(ref_out), _losses(out)
+    assert sorted(ours) == list(range(1, 9))
+    assert [ours[s] for s in ours] == pytest.approx([ref[s] for s in ours], rel=1e-5)
+    res = json.loads((out / "results.json").read_text())
+    ref_res = json.loads((ref_out / "results.json").read_text())
+    for a, b in zip(res["chain"]["records"], ref_res["chain"]["records"]):
+        assert a["delta_norm"] == pytest.approx(b["delta_norm"], rel=1e-4)
+    theirs = _adapter(ref_out)  # Adam amplifies summation-order differences of tiny gradients
+    for key, value in _adapter(out).items():
+        torch.testing.assert_close(value, theirs[key], rtol=0, atol=1e-4)
+
+    part = tmp_path / f"{zero}-part"
+    shutil.copytree(out, part)
+    shutil.rmtree(part / "checkpoints" / "checkpoint-8")
+    for name in ("results.json", "metrics.jsonl", "probe.json"):
+        (part / name).unlink()
+    _in_fresh_process("from conftest import compose; from cola_train.run import run; "
+                      f"run(compose(test_chain.CHAIN + {extra + ['trainer.resume=true']!r}), Path({str(part)!r}))")
+    resumed = _losses(part)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in resumed] == pytest.approx([ours[s] for s in resumed], rel=1e-6)
+    assert json.loads((part / "results.json").read_text())["eval"]["loss"] == pytest.approx(res["eval"]["loss"],
+                                                                                            rel=1e-6)
+
+
+# -- DeepSpeed, two ranks --------------------------------------------------------------------------
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("base,zero", [("lora", "zero3"), ("lora", "zero2"), ("cola_heuristic", "zero3")])
+def test_two_ranks_switch_links_like_one_process(tmp_path, data_root, base, zero, monkeypatch):
+    """2 gloo ranks (batch 2 each) vs 1 process (batch 4): 2 links, switching at step 2 of 4. The
+    ZeRO-3 lora case also resumes from the checkpoint written at the switch."""
+    from test_distributed import _adapter_tensors, _train
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", EXTENSIONS)
+
+    common = ["method=chain_of_lora", "method.links=2", f"method.base={base}", "trainer.save_steps=2",
+              "trainer.save_total_limit=3"]
+    ref_dir, ref = _train(tmp_path, "one", [*common, "trainer.batch_size=4"])
+    extra = [*common, "trainer.batch_size=2", "trainer.devices=2", f"deepspeed={zero}"]
+    if zero == "zero3":
+        extra.append("deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0")
+    else:  # 2e8-element buckets cost seconds per step on a CPU
+        extra += [f"deepspeed.config.zero_optimization.{k}_bucket_size=1000000" for k in ("reduce", "allgather")]
+    run_dir, res = _train(tmp_path, "two", extra)
+    assert [r["end_step"] for r in res["chain"]["records"]] == [2, 4]
+    assert res["train"]["loss"] == pytest.approx(ref["train"]["loss"], rel=1e-4)
+    assert res["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=1e-4)
+    for a, b in zip(res["chain"]["records"], ref["chain"]["records"]):
+        assert a["loss_at_switch"] == pytest.approx(b["loss_at_switch"], rel=1e-4)
+        assert a["delta_norm"] == pytest.approx(b["delta_norm"], rel=1e-4)
+    ours, theirs = _adapter_tensors(run_dir), _adapter_tensors(ref_dir)
+    assert ours.keys() == theirs.keys() and ours
+    for key, value in ours.items():
+        assert (value.float() - theirs[key].float()).abs().max().item() < 1e-4, key
+    if (base, zero) != ("lora", "zero3"):
+        return
+    part = tmp_path / "part,x=1"  # the dir _train(tmp_path, "part", ...) runs in
+    shutil.copytree(run_dir, part)
+    shutil.rmtree(part / "checkpoints" / "checkpoint-4")
+    (part / "results.json").unlink()
+    (part / "metrics.jsonl").unlink()
+    _, resumed = _train(tmp_path, "part", [*extra, "trainer.resume=true"])
+    assert resumed["train"]["resumed"] is True
+    assert resumed["eval"]["loss"] == pytest.approx(res["eval"]["loss"], rel=1e-5)
+    steps = [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == [3, 4]
