@@ -110,10 +110,21 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype | None = None):
         except OSError as err:
             raise ConfigError(f"model {cfg.name}: cannot load weights from {where!r} "
                               f"(offline? set model.path to a local dir): {str(err).splitlines()[0]}")
+    if cfg.gguf_file:
+        _forget_gguf_quantization(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers de-quantizes GGUF weights to floats on load but still flags the model as
+    quantized, which makes Trainer refuse it; the weights are plain tensors, so drop the flag."""
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def check_targets(model, targets: list[str]) -> None:
