@@ -7,6 +7,8 @@ export COLA_DATA_ROOT ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
+# DeepSpeed JIT-builds a small CPU op once; keep it in the checkout so runs do not rebuild it
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: setup demo test test-fast bench clean
 

@@ -7,8 +7,8 @@
 - `torchrun -m cola_train` / `deepspeed --module cola_train` / SLURM tasks are ranks already;
   SLURM tasks get the torch.distributed environment from submitit.
 - Preemption (submitit's signal, USR2 by default): every rank stops at the end of the step, the
-  Trainer saves a checkpoint, results.json says "preempted", and submitit requeues the job,
-  which comes back with trainer.resume=true and picks up that checkpoint.
+  Trainer saves a checkpoint, results.json says "preempted", and submitit requeues the job; the
+  job comes back into the same run dir, sees that (or SLURM_RESTART_COUNT) and resumes.
 - Rank 0 alone writes results, metrics and the adapter; collectives (ZeRO-3 gathers, the
   benchmark forward under ZeRO-3) run on every rank so nothing deadlocks.
 
@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("cola_train")
@@ -53,17 +54,6 @@ def is_rank() -> bool:
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
 
 
-def world_size() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-    except ImportError:  # pragma: no cover
-        pass
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def global_rank() -> int:
     try:
         import torch.distributed as dist
@@ -86,6 +76,13 @@ def under_slurm() -> bool:
 def requeued() -> bool:
     """A SLURM job that runs again after a requeue (SLURM counts restarts for us)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def resuming(out: Path) -> bool:
+    """Resume without being asked when this job runs again after a requeue: SLURM says so, or
+    the last attempt left results.json saying it was preempted (submitit's local executor, or a
+    re-run by hand into the same run dir)."""
+    return requeued() or _read_results(out).get("status") == "preempted"
 
 
 def free_port() -> int:
@@ -287,28 +284,34 @@ def trainer_kwargs(cfg) -> dict:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         os.environ[_SELF_RANK] = "1"
-    kwargs = {"deepspeed": ds, "use_cpu": not on_gpu and ds is None}
-    if not on_gpu and "LOCAL_RANK" in os.environ:  # a process group only when there are ranks
+    kwargs = {"deepspeed": ds, "use_cpu": not on_gpu and ds is None, "dataloader_pin_memory": on_gpu}
+    if not on_gpu and "LOCAL_RANK" in os.environ:  # ranks on CPU: gloo, state set up here
         kwargs["ddp_backend"] = "gloo"
-    if not on_gpu and ds is not None:
-        _cpu_deepspeed_state()
+        _cpu_ranks_state(deepspeed=ds is not None)
         kwargs["accelerator_config"] = {"use_configured_state": True}
     return kwargs
 
 
-def _cpu_deepspeed_state() -> None:
-    """accelerate takes the DeepSpeed path only off-CPU and then picks the backend from the GPU
-    kind; on a CPU it ends with no backend and counts one process (each rank would see all the
-    data). Configure its (shared) state here with gloo; TrainingArguments then uses it as is."""
+def _cpu_ranks_state(deepspeed: bool) -> None:
+    """accelerate's (shared) state for ranks on CPU, configured before TrainingArguments, which
+    then uses it as is. Two fixes over what TrainingArguments would set up:
+    - DeepSpeed: accelerate takes its DeepSpeed path only off-CPU and then picks the backend from
+      the GPU kind; on a CPU it would end with no backend and count one process (every rank would
+      read all the data). Here: the DeepSpeed path with gloo.
+    - The device is plain `cpu`, not `cpu:<local rank>`: the Trainer resumes with
+      torch.load(map_location=args.device), which rejects "cpu:1"."""
+    import torch
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
-        PartialState(backend="gloo")
+        state = PartialState(backend="gloo") if deepspeed else PartialState(cpu=True, backend="gloo")
     finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    state.device = torch.device("cpu")
 
 
 def forget_deepspeed() -> None:
@@ -320,6 +323,23 @@ def forget_deepspeed() -> None:
         unset_hf_deepspeed_config()
     except ImportError:  # pragma: no cover
         pass
+
+
+def eval_before_training(cfg, trainer) -> float | None:
+    """The eval loss before training. Under DeepSpeed, trainer.evaluate() before train() builds an
+    inference-only engine that train() then cannot use, so the Trainer evaluates at the start of
+    train() instead (eval_on_start) and `eval_loss_at_start` reads it back."""
+    if deepspeed_enabled(cfg):
+        trainer.args.eval_on_start = True
+        return None
+    return trainer.evaluate()["eval_loss"]
+
+
+def eval_loss_at_start(trainer) -> float | None:
+    for entry in trainer.state.log_history:
+        if "eval_loss" in entry:
+            return entry["eval_loss"]
+    return None
 
 
 def all_sum(value: float) -> float:
@@ -371,8 +391,19 @@ def full_weights(model, cfg):
         yield
 
 
+def release_zero3_params(cfg, trainer) -> None:
+    """A forward outside the engine (the benchmark) can leave ZeRO-3 prefetches in flight, and
+    a later gather would then fail ("Cannot partition a param in flight"): release them."""
+    if zero_stage(cfg) != 3:
+        return
+    engine = getattr(trainer, "deepspeed", None) or getattr(trainer, "model_wrapped", None)
+    if hasattr(engine, "empty_partition_cache"):
+        engine.empty_partition_cache()
+
+
 def save_weights(cfg, trainer, model, out: Path, save_adapter) -> None:
     """Adapter (or full model for fft) into the run dir. Called on every rank; writes on rank 0."""
+    release_zero3_params(cfg, trainer)
     if cfg.method.kind == "none":
         trainer.save_model(str(out / "model"))  # the Trainer gathers under ZeRO-3 and writes on rank 0
         return
@@ -420,11 +451,13 @@ def launch_local_ranks(cfg, out: Path, overrides: list[str], sweeping: bool):
     if not cuda():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     log.info("starting %d local ranks (%s) in %s", n, "nccl" if cuda() else "gloo", out)
+    started = time.time()
     with _forward_preemption() as forwarded:
         proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd())
         forwarded.append(proc)
         rc = proc.wait()
-    results = _read_results(out)
+    fresh = (out / "results.json").is_file() and (out / "results.json").stat().st_mtime >= started - 1
+    results = _read_results(out) if fresh else {}  # not the one an earlier attempt left
     status = results.get("status")
     if status == "preempted":
         log.warning("ranks stopped for preemption at step %s", results.get("train", {}).get("steps"))
@@ -550,8 +583,8 @@ def preemption_requested() -> bool:
 
 
 def hand_over_preemption() -> None:
-    """Give the signal to submitit's handler: it calls our launcher's `checkpoint` (which adds
-    trainer.resume=true), requeues the job and exits. Only submitit's global rank 0 requeues."""
+    """Give the signal to submitit's handler: it pickles the launcher call again (same overrides,
+    so the same run dir), requeues the job and exits. Only submitit's global rank 0 requeues."""
     handler, signum = _FLAG.previous, _FLAG.signum or int(preempt_signal())
     if callable(handler) and global_rank() == 0:
         handler(signum, None)  # exits (requeued), or raises if it may not requeue
@@ -584,6 +617,10 @@ def _forward_preemption():
         signal.signal(sig, _on_signal)
 
 
+# Seconds to sleep after every step; for the preemption tests only.
+_DEBUG_STEP_SLEEP = float(os.environ.get("COLA_TRAIN_DEBUG_STEP_SLEEP_S", "0") or 0)
+
+
 def _preempt_callback_class():
     from transformers import TrainerCallback
 
@@ -610,6 +647,8 @@ def _preempt_callback_class():
             return t.item() > 0
 
         def on_step_end(self, args, state, control, **kwargs):
+            if _DEBUG_STEP_SLEEP:  # tests: slow steps down so a signal lands mid-run
+                time.sleep(_DEBUG_STEP_SLEEP)
             if self.stopped_at is None and self._any_rank(args):
                 self.stopped_at = state.global_step
                 control.should_save = True
@@ -625,6 +664,20 @@ def _preempt_callback_class():
 
 def preemption_callback():
     return _preempt_callback_class()()
+
+
+def mean_train_loss(trainer, train_out, resumed: bool) -> float:
+    """The mean training loss over all steps. After a resume the Trainer sums only the steps of
+    this attempt but divides by all of them; the log history (restored with the checkpoint)
+    still holds every logged interval, so average that, weighted by interval length."""
+    if not resumed:
+        return train_out.training_loss
+    total, steps, last = 0.0, 0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and "step" in entry:
+            span = entry["step"] - last
+            total, steps, last = total + float(entry["loss"]) * span, steps + span, entry["step"]
+    return total / steps if steps else train_out.training_loss
 
 
 def stop_for_preemption(out: Path, trainer, results: dict) -> None:
@@ -664,7 +717,24 @@ def job(cfg, out: Path, run, sweeping: bool):
         return launch_local_ranks(cfg, out, list(hc.overrides.task), sweeping)
     pinned = any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in hc.overrides.hydra)
     out = agree_on_output_dir(out, pinned=pinned or sweeping)
-    return run(cfg, out)
+    results = run(cfg, out)
+    finish_ranks()
+    return results
+
+
+def finish_ranks() -> None:
+    """All ranks leave together (rank 0 may still be writing results) and tear the process group
+    down before the interpreter exits: a rank that exits first, or exits with live gloo threads,
+    can abort, and torchrun then kills the others."""
+    import torch.distributed as dist
+
+    # only ranks of a launcher, which exit after this job: a process that made itself a world of
+    # one (DeepSpeed in a single process) may run the next job of an in-process sweep, and
+    # DeepSpeed keeps using the group it made
+    if not (is_rank() and dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def keep_sweeping(fn, out: Path):

@@ -95,13 +95,28 @@ def _fmt(value) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _varying(jobs: list[dict]) -> set[str]:
+    """Override keys whose value differs between jobs: the table shows those (the JSON all)."""
+    values: dict[str, set] = {}
+    for r in jobs:
+        for o in r["overrides"]:
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    if len(jobs) < 2:
+        return set(values)
+    return {k for k, v in values.items() if len(v) > 1 or sum(1 for r in jobs if any(
+        o.split("=", 1)[0] == k for o in r["overrides"])) < len(jobs)}
+
+
 def _markdown(summary: dict) -> str:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items()))
-    lines = [f"# Sweep summary", "", f"{summary['sweep_dir']}: {summary['n_jobs']} jobs ({counts})", "",
+    lines = ["# Sweep summary", "", f"{summary['sweep_dir']}: {summary['n_jobs']} jobs ({counts})", "",
              "| # | overrides | status | train loss | steps | eval loss | accuracy | result | error |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    varying = _varying(summary["jobs"])
     for r in summary["jobs"]:
-        cells = [r["num"], " ".join(r["overrides"]), r["status"], r.get("train_loss"), r.get("steps"),
+        shown = [o for o in r["overrides"] if o.split("=", 1)[0] in varying] or r["overrides"]
+        cells = [r["num"], " ".join(shown), r["status"], r.get("train_loss"), r.get("steps"),
                  r.get("eval_loss"), r.get("accuracy"), r["result"], (r.get("error") or "").splitlines()[:1]]
         cells[-1] = cells[-1][0] if cells[-1] else ""
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
@@ -121,6 +136,19 @@ def _report(sweep_dir: Path) -> None:
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """The SLURM launcher without sbatch: one line before anything is submitted."""
+        target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        if target.endswith("SlurmLauncher"):
+            import sys
+
+            from .distributed import sbatch_missing
+
+            message = sbatch_missing()
+            if message:
+                print(f"error: {message}", file=sys.stderr)
+                sys.exit(2)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():

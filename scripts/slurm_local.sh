@@ -91,6 +91,9 @@ start() {
     install
     [ "$(id -u)" = 0 ] || cant "starting the SLURM daemons needs root"
     mkdir -p "$STATE"
+    if ! getent hosts "$HOST" >/dev/null 2>&1; then  # slurmd must reach slurmctld by this name
+        echo "127.0.0.1 $HOST" >>/etc/hosts
+    fi
     write_conf
     start_munge
     slurmctld || cant "slurmctld did not start (see $LOG/slurmctld.log)"

@@ -25,6 +25,14 @@ def _check(proc, pattern: str):
     (["data.fraction=0"], r"data.fraction=0.0 is outside \(0, 1\]"),
     (["data.fraction=1.01"], r"data.fraction=1.01 is outside \(0, 1\]"),
     (["data.max_samples=0"], r"data.max_samples=0 must be >= 1"),
+    (["method=cola_fully", "method.num_A=0"], r"method.num_A=0 must be >= 1"),
+    (["method=cola_heuristic", "method.alpha=0"], r"method.alpha=0.0 must be > 0"),
+    (["method=hydralora", "method.num_A=2"], r"hydralora shares one A across its B heads: num_A must be 1, got 2"),
+    (["method=mole", "method.num_B=2"], r"mole experts are \(A_i, B_i\) pairs: num_B must equal num_A=3, got 2"),
+    (["method=chain_of_lora", "method.links=0"], r"method.links=0 must be an integer >= 1"),
+    (["method=chain_of_lora", "method.link_fractions=[0.5,0.2,0.2]"], r"method.link_fractions=\[0.5, 0.2, 0.2\] sums to 0.9, not 1"),
+    (["method=chain_of_lora", "method.rank_schedule=[8,4]"], r"method.rank_schedule has 2 entries but method.links=3"),
+    (["eval=default", "eval.benchmark=mmlu_pro"], r"mmlu_pro"),
 ])
 def test_config_errors(tmp_path, args, pattern):
     _check(run_cli(TINY + args + [f"hydra.run.dir={tmp_path}"]), pattern)

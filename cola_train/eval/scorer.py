@@ -167,7 +167,7 @@ def letter_logits(model, tokenizer, examples: list[dict], batch_size: int = 16,
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             for batch in batch_iter:
                 width = max(len(encoded[i]) for i in batch)
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
