@@ -22,6 +22,30 @@ def check_group_choices(argv: list[str]) -> None:
                 sys.exit(f"error: {key}={v!r} is not an option; choose from: {', '.join(options)}")
 
 
+def check_keys(argv: list[str]) -> None:
+    """An unknown `a.b=c` key fails in one line naming it and the keys allowed there (Hydra's own
+    message for this spans several lines)."""
+    import dataclasses
+    import typing
+
+    from .config import Config
+
+    for arg in argv:
+        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg or (CONF / arg.split("=")[0]).is_dir():
+            continue
+        node, path = Config, []
+        for part in arg.split("=", 1)[0].split("."):
+            if not dataclasses.is_dataclass(node):
+                break                       # below a dict or list: free-form (model.arch, deepspeed.config)
+            fields = {f.name: f for f in dataclasses.fields(node)}
+            if part not in fields:
+                where = ".".join(path) or "the config"
+                sys.exit(f"error: unknown key {'.'.join(path + [part])!r}; {where} has: {', '.join(fields)}")
+            path.append(part)
+            hints = typing.get_type_hints(node)
+            node = hints[part]
+
+
 def check_output_dirs(argv: list[str]) -> None:
     """A run dir that cannot be created or written fails here, in one line, before any model
     is loaded, instead of as a traceback from Hydra or after hours of training."""
@@ -80,5 +104,6 @@ if __name__ == "__main__":
 
     sys.argv[1:] = preflight(sys.argv[1:])  # deepspeed's --local_rank; sbatch for the SLURM launcher
     check_group_choices(sys.argv[1:])
+    check_keys(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
     main()

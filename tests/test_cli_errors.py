@@ -21,7 +21,8 @@ def _check(proc, pattern: str):
 @pytest.mark.parametrize("args,pattern", [
     (["method=lorax"], r"method='lorax' is not an option; choose from: .*cola_fully.*lora"),
     (["model=gpt5"], r"model='gpt5' is not an option; choose from: .*tiny_llama"),
-    (["trainer.bogus=1"], r"bogus"),
+    (["trainer.bogus=1"], r"unknown key 'trainer.bogus'; trainer has: epochs, max_steps, .*batch_size"),
+    (["lr=0.1"], r"unknown key 'lr'; the config has: model, method, data, trainer"),
     (["data.fraction=0"], r"data.fraction=0.0 is outside \(0, 1\]"),
     (["data.fraction=1.01"], r"data.fraction=1.01 is outside \(0, 1\]"),
     (["data.max_samples=0"], r"data.max_samples=0 must be >= 1"),
