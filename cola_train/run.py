@@ -60,7 +60,8 @@ def training_arguments(cfg, out: Path, report_to: list[str]):
         lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_total_limit=t.save_total_limit, seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=t.num_workers, remove_unused_columns=False,
-        disable_tqdm=False, **distributed.trainer_kwargs(cfg),  # device, gloo/nccl, DeepSpeed dict
+        disable_tqdm=False, logging_nan_inf_filter=False,  # a NaN must reach StopOnNonFiniteLoss
+        **distributed.trainer_kwargs(cfg),  # device, gloo/nccl, DeepSpeed dict
         **save, **evals, **_precision(cfg),
     )
 

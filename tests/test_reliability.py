@@ -62,3 +62,21 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
         write_json_atomic(target, {"status": "completed", "x": 2})
     assert json.loads(target.read_text())["x"] == 1          # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]   # no temp file left behind
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_root, tmp_path):
+    import math
+
+    from cola_train.run import run
+    from cola_train.trainer import NonFiniteLossError, last_complete_checkpoint
+    from conftest import compose
+
+    cfg = compose(TINY + ["method=fft", "trainer.lr=1e30", "trainer.max_grad_norm=0",
+                          "trainer.save_steps=1", "trainer.save_total_limit=10"])
+    with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at step \d+"):
+        run(cfg, tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    bad_step = next(r["step"] for r in rows if "loss" in r and not math.isfinite(r["loss"] or float("nan")))
+    last = last_complete_checkpoint(tmp_path / "checkpoints")
+    assert last is not None and int(last.rsplit("-", 1)[1]) < bad_step
+    assert not (tmp_path / "results.json").exists()
