@@ -566,7 +566,7 @@ def install_preemption_handler() -> bool:
     """Catch submitit's preemption/time-out signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says
     otherwise) under SLURM/submitit; remember submitit's own handler to requeue later."""
     if not (under_submitit() or under_slurm()):
-        return False
+        return _install_local_stop_handlers()
     sig = preempt_signal()
     try:
         current = signal.getsignal(sig)
@@ -576,6 +576,21 @@ def install_preemption_handler() -> bool:
     except ValueError:  # not the main thread
         return False
     return True
+
+
+def _install_local_stop_handlers() -> bool:
+    """Outside SLURM, SIGTERM and SIGUSR1 (a user's kill, a local scheduler) also mean: save a
+    checkpoint at the end of this step and exit with EXIT_PREEMPTED; re-running the same command
+    resumes from it. Left alone when something else already handles them."""
+    installed = False
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, _on_signal):
+                signal.signal(sig, _on_signal)
+                installed = True
+        except ValueError:  # not the main thread
+            return False
+    return installed
 
 
 def preemption_requested() -> bool:

@@ -80,3 +80,31 @@ def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_root, tm
     last = last_complete_checkpoint(tmp_path / "checkpoints")
     assert last is not None and int(last.rsplit("-", 1)[1]) < bad_step
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_sigterm_checkpoints_exits_and_the_same_command_resumes(tmp_path, sig):
+    full = tmp_path / "full"
+    assert run_cli(COMMON + ["trainer.save_steps=100", f"hydra.run.dir={full}"]).returncode == 0
+    run_dir = tmp_path / "stopped"
+    args = COMMON + ["trainer.save_steps=100", f"hydra.run.dir={run_dir}"]   # no periodic checkpoints
+    env = {**os.environ, "COLA_DATA_ROOT": str(DATA_ROOT), "COLA_TRAIN_DEBUG_STEP_SLEEP_S": "0.3"}
+    proc = subprocess.Popen([sys.executable, "-m", "cola_train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-2000:]                  # EXIT_PREEMPTED, not a crash
+    stopped = json.loads((run_dir / "results.json").read_text())
+    assert stopped["status"] == "preempted" and 3 <= stopped["train"]["steps"] < 12
+    assert (run_dir / "checkpoints" / f"checkpoint-{stopped['train']['steps']}").is_dir()
+    again = run_cli(args)                                       # the same command, nothing added
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((run_dir / "results.json").read_text())
+    assert b["status"] == "completed" and b["train"]["resumed"] and b["train"]["steps"] == 12
+    assert b["eval"]["loss"] == pytest.approx(a["eval"]["loss"], rel=1e-5)
