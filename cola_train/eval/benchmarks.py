@@ -43,6 +43,12 @@ log = logging.getLogger("cola_train.eval")
 LETTERS = string.ascii_uppercase
 
 
+def _first(reasons: list[str], k: int = 3) -> str:
+    """A few reasons for the log; all of them are in results.json (benchmark.skipped_rows)."""
+    more = f"; and {len(reasons) - k} more" if len(reasons) > k else ""
+    return "; ".join(reasons[:k]) + more
+
+
 class EvalDataError(ValueError):
     """Bad or missing evaluation data or an unknown benchmark/subject: one line, no traceback."""
 
@@ -251,7 +257,7 @@ def _load_folder(bench: str, root: Path, folder: str, sub: str, suffix: str, *, 
                                varying_options=varying_options, skip_bad_rows=skip_bad_rows,
                                skipped=skipped)
     if skipped:
-        log.warning("%s: skipped %d bad row(s): %s", bench, len(skipped), "; ".join(skipped))
+        log.warning("%s: skipped %d bad row(s): %s", bench, len(skipped), _first(skipped))
     return ExampleList(examples, skipped)
 
 
@@ -282,7 +288,7 @@ def load_gsm8k(data_root, subjects=None, skip_bad_rows: bool = False):
     examples = _parse_csv(path, str(path.relative_to(root)), "gsm8k", header=True,
                           varying_options=False, skip_bad_rows=skip_bad_rows, skipped=skipped)
     if skipped:
-        log.warning("gsm8k: skipped %d bad row(s): %s", len(skipped), "; ".join(skipped))
+        log.warning("gsm8k: skipped %d bad row(s): %s", len(skipped), _first(skipped))
     return ExampleList(examples, skipped)
 
 
