@@ -2,7 +2,6 @@
 evaluate → results.json. Every step is a plain function call; read it top to bottom."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -12,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import adapters, chain, distributed
-from .config import Config, ConfigError, validate
+from .config import validate
 from .energy import EnergyMeter
 from .data import load_domain_records, split_train_val, tokenize_records
 from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules
@@ -126,12 +125,13 @@ def run(cfg, out: Path) -> dict:
     bench_here = distributed.benchmark_on_this_rank(cfg, trainer)  # all ranks under ZeRO-3
     bench_before = _benchmark(cfg, model, tokenizer) if (cfg.eval.enabled and cfg.eval.before and bench_here) else None
 
-    resume = (cfg.trainer.resume or distributed.resuming(out)) and _last_checkpoint(out) is not None
+    checkpoint = _last_checkpoint(out) if (cfg.trainer.resume or distributed.resuming(out)) else None
+    resume = checkpoint is not None
+    chain.resume(schedule, checkpoint)  # replay merged links first
     meter = EnergyMeter()
     meter.start()
     start = time.time()
-    chain.resume(schedule, _last_checkpoint(out) if resume else None)  # replay merged links first
-    train_out = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if resume else None)
+    train_out = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.time() - start
     if preemption.preempted(trainer.state):
         distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit

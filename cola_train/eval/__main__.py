@@ -29,8 +29,9 @@ def _run_config(run_dir: Path, overrides: list[str]):
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         sys.exit(f"error: {run_dir} is not a run dir (no .hydra/config.yaml)")
-    cfg = OmegaConf.merge(OmegaConf.structured(_compose([])), OmegaConf.load(saved))
-    OmegaConf.set_struct(cfg, True)
+    from ..config import Config
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
     for item in overrides:
         key, value = item.split("=", 1)
         OmegaConf.update(cfg, key, _parse(value))
@@ -46,13 +47,14 @@ def _parse(value: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cola_train.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", nargs="?", type=Path)
+    parser.add_argument("items", nargs="*", metavar="[run_dir] [key=value ...]")
     parser.add_argument("--model", help="a model config name, to evaluate the base model")
     parser.add_argument("--domain", default="math")
-    parser.add_argument("overrides", nargs="*", default=[])
-    args, extra = parser.parse_known_args(argv)
-    overrides = [*args.overrides, *extra]
-    if (args.run_dir is None) == (args.model is None):
+    args = parser.parse_args(argv)
+    overrides = [a for a in args.items if "=" in a]
+    dirs = [Path(a) for a in args.items if "=" not in a]
+    args.run_dir = dirs[0] if dirs else None
+    if len(dirs) > 1 or (args.run_dir is None) == (args.model is None):
         parser.error("give a run dir or --model NAME (not both)")
 
     from .. import adapters
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             out = None
         else:
             cfg = _run_config(args.run_dir, overrides)
+            from transformers import set_seed
+
+            set_seed(cfg.seed)  # as the run did before building its model: a random-init base matches
             if (args.run_dir / "model").is_dir():
                 cfg.model.path, cfg.model.gguf_file, cfg.model.random_init = str(args.run_dir / "model"), None, False
                 model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..results import write_json_atomic
 
             write_json_atomic(out, result)
-        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
         return 0
 
     return run_guarded(evaluate)
