@@ -172,10 +172,9 @@ def validate(cfg) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     d, t, m = cfg.data, cfg.trainer, cfg.method
-    if not 0 < d.fraction <= 1:
-        raise ConfigError(f"data.fraction={d.fraction} is outside (0, 1]")
-    if d.max_samples is not None and d.max_samples < 1:
-        raise ConfigError(f"data.max_samples={d.max_samples} must be >= 1 (or null for all)")
+    from .data.sampling import check_sample_config
+
+    check_sample_config(d)
     if d.cutoff_len < 8:
         raise ConfigError(f"data.cutoff_len={d.cutoff_len} must be >= 8")
     for key in ("batch_size", "grad_accum", "devices"):

@@ -14,18 +14,23 @@ from ..config import ConfigError, DataConfig
 VAL_SEED = 1234
 
 
-def sample_size(cfg: DataConfig, pool: int) -> int:
+def check_sample_config(cfg: DataConfig) -> None:
     if not 0 < cfg.fraction <= 1:
         raise ConfigError(f"data.fraction={cfg.fraction} is outside (0, 1]")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise ConfigError(f"data.max_samples={cfg.max_samples} must be >= 1 (or null for all)")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.val_fraction} is outside [0, 1)")
+
+
+def sample_size(cfg: DataConfig, pool: int) -> int:
+    check_sample_config(cfg)
     size = max(1, math.floor(cfg.fraction * pool))
     return min(size, cfg.max_samples) if cfg.max_samples is not None else size
 
 
 def split_train_val(records: list, cfg: DataConfig, seed: int) -> tuple[list, list]:
-    if not 0 <= cfg.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.val_fraction} is outside [0, 1)")
+    check_sample_config(cfg)
     order = list(range(len(records)))
     random.Random(VAL_SEED).shuffle(order)
     n_val = min(cfg.max_val_samples, math.ceil(cfg.val_fraction * len(records)))
