@@ -14,16 +14,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .adapters import AdapterError
     from .config import ConfigError
     from .data import DataError
+    from .eval import EvalDataError
     from .trainer import NonFiniteLossError
 
-    errors = [ConfigError, DataError, AdapterError, NonFiniteLossError]
-    try:
-        from .eval import EvalDataError
-
-        errors.append(EvalDataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, DataError, AdapterError, NonFiniteLossError, EvalDataError)
 
 
 def run_guarded(fn, out: Path | None = None, exit_on_error: bool = True):
