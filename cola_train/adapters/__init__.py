@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import peft_methods
+from . import gated_mlp, peft_methods
 from .cola_layer import CoLALinear, resample
 from .hydralora import HydraLoRALinear
 from .io import (adapter_info, export_peft, load_adapter, our_layers, require_info, save_adapter, set_info,
@@ -80,6 +80,8 @@ def attach_adapter(model: nn.Module, method_cfg, default_targets: Optional[List[
         for layer in layers.values():
             layer.lora_A.requires_grad_(False)
             layer.lora_B.requires_grad_(False)
+    if cfg.kind == "cola":
+        gated_mlp.install(model)
     set_info(model, {"method": cfg, "targets": targets})
     return model
 
@@ -130,6 +132,7 @@ def merged_model(model: nn.Module) -> nn.Module:
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    gated_mlp.uninstall(model)
     set_info(model, None)
     return model
 

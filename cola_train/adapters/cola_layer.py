@@ -28,12 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_ops
 from . import init as inits
 from . import pairing
 from .layer import AdapterLinear, new_param
 
 
 class CoLALinear(AdapterLinear):
+    # fused impl: the hand-written backward of fused_ops where it applies (False: plain autograd
+    # ops, kept for the benchmark's before/after and as the ZeRO-3 / mixed-dtype path)
+    custom_backward = True
+
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
                  num_A: int, num_B: int, strategy: str, impl: str = "fused"):
         super().__init__(base_layer, r, alpha, dropout)
@@ -87,16 +92,24 @@ class CoLALinear(AdapterLinear):
             return super().forward(x, *args, **kwargs)
         A, B = self.factors(train_rule=self.training)
         x2 = x.reshape(-1, x.shape[-1])
-        result = self.base_layer(x2)
-        z = F.linear(self.dropout(self._cast_input(x2, A.dtype)), A)
-        if z.dtype != result.dtype or B.dtype != result.dtype:  # autocast or fp32 adapters
-            result = result + F.linear(z, B).to(result.dtype)
-        else:
-            # Add the update into the base output in place: one read and one write of the
-            # output instead of a delta tensor plus an add. Autograd-safe: the base linear's
-            # backward needs its input and weight, never its output; 2-D, so no view is rebased.
-            result.addmm_(z, B.t())
-        return result.view(*x.shape[:-1], result.shape[-1])
+        if self.custom_backward and fused_ops.can_fuse(self.base_layer, x2, A, B):
+            xa = self.dropout(x2) if self.training and isinstance(self.dropout, nn.Dropout) else None
+            result = fused_ops.low_rank_linear(self.base_layer, x2, xa, A, B)
+            return result.view(*x.shape[:-1], result.shape[-1])
+        return self._fused_forward(x, lambda rows: (F.linear(self.dropout(self._cast_input(rows, A.dtype)), A), B))
+
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """This layer applied to silu(gate) * up: a gated MLP's down_proj (see gated_mlp.py).
+
+        Fused, the product is never stored: the backward recomputes it from gate and up."""
+        dropout_on = self.training and isinstance(self.dropout, nn.Dropout)
+        if not (self.merged or self.impl == "loop" or dropout_on or not self.custom_backward):
+            A, B = self.factors(train_rule=self.training)
+            g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+            if g2.dtype == u2.dtype and fused_ops.can_fuse(self.base_layer, g2, A, B):
+                out = fused_ops.gated_low_rank_mlp(self.base_layer, g2, u2, A, B)
+                return out.view(*gate.shape[:-1], out.shape[-1])
+        return self(F.silu(gate) * up)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self._cast_input(x, self.lora_A.dtype))

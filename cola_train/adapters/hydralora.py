@@ -46,15 +46,26 @@ class HydraLoRALinear(AdapterLinear):
         x = self._cast_input(x, self.router.weight.dtype)
         return torch.softmax(self.router(x), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged or self.impl == "loop" or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        return self._fused_forward(x, self._mixed)
+
+    def _mixed(self, x: torch.Tensor):
+        """(gate-weighted h, [B_1 .. B_n] * s): the update is their product."""
         gate = self.route(x)
         h = F.linear(self.dropout(self._cast_input(x, self.lora_A.dtype)), self.lora_A)
-        gate = gate.to(h.dtype)
+        weighted = (gate.to(h.dtype).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (..., n*r)
+        return weighted, self.lora_B.reshape(self.out_features, -1) * self.scaling
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "loop":
+            gate = self.route(x)
+            h = F.linear(self.dropout(self._cast_input(x, self.lora_A.dtype)), self.lora_A)
+            gate = gate.to(h.dtype)
             return sum(gate[..., j:j + 1] * F.linear(h, self.lora_B[:, j]) * self.scaling
                        for j in range(self.num_B))
-        weighted = (gate.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (..., n*r)
-        return F.linear(weighted, self.lora_B.reshape(self.out_features, -1) * self.scaling)
+        return F.linear(*self._mixed(x))
 
     @torch.no_grad()
     def init_pissa(self) -> None:

@@ -32,7 +32,9 @@ def kaiming_(A: torch.Tensor) -> torch.Tensor:
 def principal_factors(weight: torch.Tensor, r: int, scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """PiSSA's factors in float32: scaling * B_p @ A_p is W's top-r SVD part (PEFT's convention)."""
     W = weight.detach().to(torch.float32)
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    # Jacobi SVD on CUDA: several times faster than the default for these small matrices, which
+    # matters when every job of a study re-inits 200+ layers on a shared GPU
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False, driver="gesvdj" if W.is_cuda else None)
     Sr = torch.sqrt(S[:r] / scaling)
     A_p = Sr[:, None] * Vh[:r]          # (r, d_in)
     B_p = U[:, :r] * Sr[None, :]        # (d_out, r)

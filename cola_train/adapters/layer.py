@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import init as inits
@@ -77,6 +78,22 @@ class AdapterLinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _fused_forward(self, x: torch.Tensor, mixed) -> torch.Tensor:
+        """base(x) + z B^T for an update computed as (z, B) = mixed(x) on 2-D rows.
+
+        The update is added into the base output in place when no cast is needed: one read and
+        one write of the output instead of a delta tensor plus an add. Autograd-safe: the base
+        linear's backward needs its input and weight, never its output; 2-D, so no view is rebased.
+        """
+        x2 = x.reshape(-1, x.shape[-1])
+        result = self.base_layer(x2)
+        z, B = mixed(x2)
+        if z.dtype == B.dtype == result.dtype:
+            result.addmm_(z, B.t())
+        else:  # autocast or fp32 adapters
+            result = result + F.linear(z, B).to(result.dtype)
+        return result.view(*x.shape[:-1], result.shape[-1])
 
     def factors(self, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(A_eff, B_eff) with the eval-time update == B_eff @ A_eff (scaling folded into B_eff)."""

@@ -55,18 +55,31 @@ class MoLELinear(AdapterLinear):
         x = self._cast_input(x, self.gate.weight.dtype)
         return torch.softmax(self.gate(x), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.num_experts
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged or self.impl == "loop" or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        return self._fused_forward(x, self._mixed)
+
+    def _gate_and_input(self, x: torch.Tensor):
         probs = self.gate_probs(x)
         self.balance_loss = balance_loss(probs) if self.training else None
         xd = self.dropout(self._cast_input(x, self.lora_A.dtype))
-        gate = probs.to(xd.dtype)
-        if self.impl == "loop":
-            return sum(gate[..., i:i + 1] * F.linear(F.linear(xd, self.lora_A[i]), self.lora_B[:, i])
-                       * self.scaling for i in range(m))
+        return probs.to(xd.dtype), xd
+
+    def _mixed(self, x: torch.Tensor):
+        """(gate-weighted [A_1 x; ..; A_m x], [B_1 .. B_m] * s): the update is their product."""
+        m = self.num_experts
+        gate, xd = self._gate_and_input(x)
         h = F.linear(xd, self.lora_A.reshape(m * self.r, self.in_features)).unflatten(-1, (m, self.r))
         weighted = (h * gate.unsqueeze(-1)).flatten(-2)
-        return F.linear(weighted, self.lora_B.reshape(self.out_features, m * self.r) * self.scaling)
+        return weighted, self.lora_B.reshape(self.out_features, m * self.r) * self.scaling
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "loop":
+            gate, xd = self._gate_and_input(x)
+            return sum(gate[..., i:i + 1] * F.linear(F.linear(xd, self.lora_A[i]), self.lora_B[:, i])
+                       * self.scaling for i in range(self.num_experts))
+        return F.linear(*self._mixed(x))
 
     def __getstate__(self):
         # the stored loss holds an autograd graph, which deepcopy/pickle cannot copy

@@ -1,0 +1,43 @@
+"""Llama-family MLPs, down(silu(gate(x)) * up(x)), sent through an adapted down_proj's fused path.
+
+Why: an adapter on down_proj must keep its input, the d_ff-wide product silu(gate) * up, for dA,
+the largest activation of the layer (117 MB per layer for Llama-3.1-8B at 4 x 1024 tokens). The
+fused path (fused_ops.GatedLowRankMLP) keeps gate and up instead, which the frozen model keeps
+anyway, and recomputes the product in backward. Installed per module instance by attach_adapter;
+the instance forward falls back to the model's own formula whenever down_proj is not ours.
+"""
+from __future__ import annotations
+
+import types
+
+from torch import nn
+
+_SILU = ("SiLU", "SiLUActivation")
+
+
+def is_gated_silu_mlp(module: nn.Module) -> bool:
+    return (all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(getattr(module, "act_fn", None)).__name__ in _SILU)
+
+
+def gated_mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if hasattr(self.down_proj, "forward_gated"):
+        return self.down_proj.forward_gated(gate, up)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def install(model: nn.Module) -> int:
+    """Route every gated SiLU MLP whose down_proj has `forward_gated` through it; returns the count."""
+    count = 0
+    for module in model.modules():
+        if is_gated_silu_mlp(module) and hasattr(module.down_proj, "forward_gated"):
+            module.forward = types.MethodType(gated_mlp_forward, module)
+            count += 1
+    return count
+
+
+def uninstall(model: nn.Module) -> None:
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is gated_mlp_forward:
+            del module.forward
