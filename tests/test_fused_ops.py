@@ -23,35 +23,56 @@ def _frozen_linear(d_in, d_out, bias, dtype=torch.float64):
     return lin
 
 
+def _ref_linear(x, weight, bias, A, B, p, seed):
+    """The same maths in plain autograd ops (the reference for the hand-written backward)."""
+    xa = x * fused_ops.dropout_mask(x, p, seed) if p else x
+    return F.linear(x, weight, bias) + xa @ A.t() @ B.t()
+
+
+def _ref_mlp(gate, up, weight, bias, A, B, p, seed):
+    h = F.silu(gate) * up
+    return _ref_linear(h, weight, bias, A, B, p, seed)
+
+
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("separate_input", [False, True])
-def test_low_rank_linear_gradcheck(bias, separate_input):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_low_rank_linear_gradcheck(bias, p):
     torch.manual_seed(0)
     base = _frozen_linear(6, 5, bias)
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
-    xa = torch.randn(7, 6, dtype=torch.float64, requires_grad=True) if separate_input else None
     A = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     B = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, xa, A, B: fused_ops.low_rank_linear(base, x, xa, A, B)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, xa, A, B))
-    inp = x if xa is None else xa
-    expected = F.linear(x, base.weight, base.bias) + inp @ A.t() @ B.t()
-    torch.testing.assert_close(fn(x, xa, A, B), expected, rtol=1e-12, atol=1e-12)
+    fn = lambda x, A, B: fused_ops.LowRankLinear.apply(x, base.weight, base.bias, A, B, p, 1234)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, A, B))
+    expected = _ref_linear(x, base.weight, base.bias, A, B, p, 1234)
+    torch.testing.assert_close(fn(x, A, B), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_gated_mlp_gradcheck(bias):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gated_mlp_gradcheck(bias, p):
     torch.manual_seed(1)
     base = _frozen_linear(8, 5, bias)
     gate = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     up = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     A = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     B = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    fn = lambda g, u, A, B: fused_ops.gated_low_rank_mlp(base, g, u, A, B)  # noqa: E731
+    fn = lambda g, u, A, B: fused_ops.GatedLowRankMLP.apply(g, u, base.weight, base.bias, A, B, p, 99)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (gate, up, A, B))
-    h = F.silu(gate) * up
-    expected = F.linear(h, base.weight, base.bias) + h @ A.t() @ B.t()
+    expected = _ref_mlp(gate, up, base.weight, base.bias, A, B, p, 99)
     torch.testing.assert_close(fn(gate, up, A, B), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_mask_is_a_seeded_inverted_dropout():
+    like = torch.empty(200, 100)
+    mask = fused_ops.dropout_mask(like, 0.3, 7)
+    assert torch.equal(mask, fused_ops.dropout_mask(like, 0.3, 7))
+    assert not torch.equal(mask, fused_ops.dropout_mask(like, 0.3, 8))
+    values = mask.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7)
+    assert abs((mask == 0).float().mean().item() - 0.3) < 0.02
+    bf16 = fused_ops.dropout_mask(like.bfloat16(), 0.3, 7)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16 == 0, mask == 0)
 
 
 def test_can_fuse_refuses_what_it_cannot_handle():
@@ -94,18 +115,28 @@ def _grads(model, ids, custom, seed=0):
 
 @pytest.mark.parametrize("strategy", ["fully", "random", "heuristic"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_model_gradients_match_plain_autograd(strategy, dropout):
-    """Loss and every adapter gradient equal to the plain-autograd fused path (float64)."""
+def test_model_gradients_match_autograd(strategy, dropout):
+    """Loss and every adapter gradient (float64) equal to the same forward differentiated by
+    autograd: the plain path without dropout; with dropout, the plain-op twins of the fused
+    functions drawing the same masks (nn.Dropout draws from another stream)."""
     model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout), TARGETS)
     assert sum(1 for m in model.modules() if "forward" in m.__dict__) == 2  # both MLPs routed
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with mock.patch.object(fused_ops.LowRankLinear, "apply", wraps=fused_ops.LowRankLinear.apply) as lin, \
             mock.patch.object(fused_ops.GatedLowRankMLP, "apply", wraps=fused_ops.GatedLowRankMLP.apply) as mlp:
         loss, grads = _grads(model, ids, custom=True)
-    # q, k, v, o, gate, up in 2 layers; with dropout on the product, down_proj goes per linear
-    assert lin.call_count == (14 if dropout else 12)
-    assert mlp.call_count == (0 if dropout else 2)
-    ref_loss, ref = _grads(model, ids, custom=False)
+    assert lin.call_count == 12                      # q, k, v, o, gate, up in 2 layers
+    assert mlp.call_count == 2                       # the down_proj of each MLP
+    assert all(c.args[-2] == dropout for c in lin.call_args_list + mlp.call_args_list)
+    if dropout:
+        with mock.patch.object(fused_ops.LowRankLinear, "apply", _ref_linear), \
+                mock.patch.object(fused_ops.GatedLowRankMLP, "apply", _ref_mlp):
+            ref_loss, ref = _grads(model, ids, custom=True)
+        with mock.patch.object(CoLALinear, "_dropout_p", lambda self: 0.0):
+            no_dropout_loss, _ = _grads(model, ids, custom=True)
+        assert abs(loss.item() - no_dropout_loss.item()) > 1e-6      # the masks were applied
+    else:
+        ref_loss, ref = _grads(model, ids, custom=False)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     assert grads.keys() == ref.keys() and len(grads) == 28
     for name in grads:
@@ -131,15 +162,17 @@ def _saved_bytes(model, ids):
     return sum(seen.values())
 
 
-def test_adapted_model_keeps_no_more_than_the_frozen_one():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_adapted_model_keeps_no_more_than_the_frozen_one(dropout):
     """The memory claim, counted exactly: with the fused paths a CoLA model keeps about what the
-    frozen base keeps for backward (down_proj's input is recomputed); plain autograd keeps far more."""
+    frozen base keeps for backward (down_proj's input is recomputed, dropout keeps a seed);
+    plain autograd keeps far more."""
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
     base = _llama(torch.float32)
     base.requires_grad_(False)
     base.enable_input_require_grads()
     floor = _saved_bytes(base, ids)
-    model = attach_adapter(_llama(torch.float32), _cola("fully"), TARGETS)
+    model = attach_adapter(_llama(torch.float32), _cola("fully", dropout), TARGETS)
     model.enable_input_require_grads()
     fused = _saved_bytes(model, ids)
     CoLALinear.custom_backward = False

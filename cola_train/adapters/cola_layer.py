@@ -61,7 +61,12 @@ class CoLALinear(AdapterLinear):
         self._pairs: List[Tuple[int, int, float]] = [
             (i, j, float(P[j, i])) for i in range(self.num_A) for j in range(self.num_B) if P[j, i] != 0
         ]
-        self.pairing.copy_(P)
+        if self.pairing.is_cuda:
+            # the random strategy redraws every step in every layer: a copy from pageable memory
+            # would wait for the GPU each time; from pinned memory it is queued like a kernel
+            self.pairing.copy_(P.pin_memory(), non_blocking=True)
+        else:
+            self.pairing.copy_(P)
 
     def _eval_rule(self, train_rule: bool) -> bool:
         return self.strategy == "random" and not train_rule
@@ -93,21 +98,22 @@ class CoLALinear(AdapterLinear):
         A, B = self.factors(train_rule=self.training)
         x2 = x.reshape(-1, x.shape[-1])
         if self.custom_backward and fused_ops.can_fuse(self.base_layer, x2, A, B):
-            xa = self.dropout(x2) if self.training and isinstance(self.dropout, nn.Dropout) else None
-            result = fused_ops.low_rank_linear(self.base_layer, x2, xa, A, B)
+            result = fused_ops.low_rank_linear(self.base_layer, x2, A, B, self._dropout_p())
             return result.view(*x.shape[:-1], result.shape[-1])
         return self._fused_forward(x, lambda rows: (F.linear(self.dropout(self._cast_input(rows, A.dtype)), A), B))
+
+    def _dropout_p(self) -> float:
+        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
 
     def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """This layer applied to silu(gate) * up: a gated MLP's down_proj (see gated_mlp.py).
 
         Fused, the product is never stored: the backward recomputes it from gate and up."""
-        dropout_on = self.training and isinstance(self.dropout, nn.Dropout)
-        if not (self.merged or self.impl == "loop" or dropout_on or not self.custom_backward):
+        if not (self.merged or self.impl == "loop" or not self.custom_backward):
             A, B = self.factors(train_rule=self.training)
             g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
             if g2.dtype == u2.dtype and fused_ops.can_fuse(self.base_layer, g2, A, B):
-                out = fused_ops.gated_low_rank_mlp(self.base_layer, g2, u2, A, B)
+                out = fused_ops.gated_low_rank_mlp(self.base_layer, g2, u2, A, B, self._dropout_p())
                 return out.view(*gate.shape[:-1], out.shape[-1])
         return self(F.silu(gate) * up)
 

@@ -1,15 +1,22 @@
-"""Hand-written backward passes for a frozen linear plus a low-rank update, y = x W^T + b + (x A^T) B^T.
+"""Hand-written backward passes for a frozen linear plus a low-rank update,
+
+    y = x W^T + b + (drop(x) A^T) B^T
 
 Why: autograd would treat the base matmul and the update as two branches. It would write the
 adapter's input gradient to its own activation-sized tensor and then sum it with the base's, and
 it would keep extra activations alive. These functions cut that traffic and memory:
 
-* `LowRankLinear`: dx = g W, then (g B) A is added into the same buffer in place (addmm_, beta=1).
-  The base weight is frozen, so nothing but the adapter's input (and the small z = x A^T) is saved.
+* `LowRankLinear`: dx = g W, then (g B) A is added into the same buffer (in place). The base
+  weight is frozen, so only x itself (which q/k/v, or gate/up, share) and the small z = drop(x) A^T
+  are saved.
 * `GatedLowRankMLP`: the whole gated MLP tail, down(silu(gate) * up), when down_proj carries the
-  update. It saves gate and up, which the floor keeps too. silu(gate) * up is recomputed in
-  backward, where the floor would have stored silu(gate) and the product. So an adapted MLP keeps
-  less than a frozen one.
+  update. It saves gate and up, which the frozen model keeps too, and recomputes the product in
+  backward. The frozen model would store silu(gate) and the product, so an adapted MLP keeps less
+  than a frozen one.
+* Dropout on the adapter's input keeps only a seed. The mask is drawn from a generator seeded by
+  it, once in forward and again in backward. nn.Dropout would instead store the mask and the
+  dropped copy of every adapted input. The mask is Bernoulli(1 - p) / (1 - p), as nn.Dropout's
+  is, but drawn from its own stream.
 
 Both need: a plain frozen nn.Linear base (no ZeRO-3 partitioned weight) and one dtype for
 activations, weights and factors (no casts). `can_fuse` checks this; otherwise callers use plain
@@ -17,8 +24,6 @@ autograd ops. A and B are the effective factors (scaling folded into B), so ever
 goes through here; their own gradients flow on to the stored factors through autograd.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,44 +43,73 @@ def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor)
     return True
 
 
+def new_seed() -> int:
+    """A mask seed from torch's default CPU generator: reproducible under torch.manual_seed, no
+    GPU sync, and replayed by activation checkpointing (which restores the CPU RNG state)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Bernoulli(1 - p) / (1 - p) in like's shape, dtype and device: the same for the same seed."""
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    low_cpu = like.device.type == "cpu" and like.dtype in (torch.bfloat16, torch.float16)
+    keep = torch.empty(like.shape, dtype=torch.float32 if low_cpu else like.dtype, device=like.device)
+    return keep.bernoulli_(1.0 - p, generator=gen).div_(1.0 - p).to(like.dtype)
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int):
+    """(adapter input, mask or None)."""
+    if p == 0.0:
+        return x, None
+    mask = dropout_mask(x, p, seed)
+    return x * mask, mask
+
+
 class LowRankLinear(torch.autograd.Function):
-    """x: (T, d_in) base input; xa: the adapter's input (dropout(x)) or None when it is x itself."""
+    """x: (T, d_in); p, seed: the adapter's dropout (p = 0: none)."""
 
     @staticmethod
-    def forward(ctx, x, xa, weight, bias, A, B):
-        inp = x if xa is None else xa
+    def forward(ctx, x, weight, bias, A, B, p, seed):
         out = F.linear(x, weight, bias)
-        z = inp @ A.t()
+        xa, _ = _dropped(x, p, seed)
+        z = xa @ A.t()
+        del xa
         out.addmm_(z, B.t())
-        ctx.shared = xa is None
-        ctx.save_for_backward(inp, weight, A, B, z)
+        ctx.p, ctx.seed = p, seed
+        ctx.save_for_backward(x, weight, A, B, z)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        inp, weight, A, B, z = ctx.saved_tensors
+        x, weight, A, B, z = ctx.saved_tensors
         gz = g @ B
         dB = g.t() @ z
-        dA = gz.t() @ inp
-        dx = dxa = None
+        xa, mask = _dropped(x, ctx.p, ctx.seed)
+        dA = gz.t() @ xa
+        del xa
+        dx = None
         if ctx.needs_input_grad[0]:
             dx = g @ weight
-            if ctx.shared:
+            if mask is None:
                 dx.addmm_(gz, A)
-        if not ctx.shared and ctx.needs_input_grad[1]:
-            dxa = gz @ A
-        return dx, dxa, None, None, dA, dB
+            else:
+                dx.add_((gz @ A).mul_(mask))
+        return dx, None, None, dA, dB, None, None
 
 
 class GatedLowRankMLP(torch.autograd.Function):
-    """out = down(silu(gate) * up) + ((silu(gate) * up) A^T) B^T; gate, up: (T, d_ff)."""
+    """out = down(h) + (drop(h) A^T) B^T with h = silu(gate) * up; gate, up: (T, d_ff)."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, A, B):
+    def forward(ctx, gate, up, weight, bias, A, B, p, seed):
         h = F.silu(gate).mul_(up)
         out = F.linear(h, weight, bias)
-        z = h @ A.t()
+        ha, _ = _dropped(h, p, seed)
+        z = ha @ A.t()
+        del h, ha
         out.addmm_(z, B.t())
+        ctx.p, ctx.seed = p, seed
         ctx.save_for_backward(gate, up, weight, A, B, z)
         return out
 
@@ -85,20 +119,26 @@ class GatedLowRankMLP(torch.autograd.Function):
         gz = g @ B
         dB = g.t() @ z
         act = F.silu(gate)
-        dA = gz.t() @ (act * up)
+        ha, mask = _dropped(act * up, ctx.p, ctx.seed)
+        dA = gz.t() @ ha
+        del ha
         dh = g @ weight
-        dh.addmm_(gz, A)
+        if mask is None:
+            dh.addmm_(gz, A)
+        else:
+            dh.add_((gz @ A).mul_(mask))
+        del mask
         dup = dh * act
         del act
         dgate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
-        return dgate, dup, None, None, dA, dB
+        return dgate, dup, None, None, dA, dB, None, None
 
 
-def low_rank_linear(base: nn.Linear, x: torch.Tensor, xa: Optional[torch.Tensor],
-                    A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    return LowRankLinear.apply(x, xa, base.weight, base.bias, A, B)
+def low_rank_linear(base: nn.Linear, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    p: float = 0.0) -> torch.Tensor:
+    return LowRankLinear.apply(x, base.weight, base.bias, A, B, p, new_seed() if p else 0)
 
 
 def gated_low_rank_mlp(base: nn.Linear, gate: torch.Tensor, up: torch.Tensor,
-                       A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    return GatedLowRankMLP.apply(gate, up, base.weight, base.bias, A, B)
+                       A: torch.Tensor, B: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+    return GatedLowRankMLP.apply(gate, up, base.weight, base.bias, A, B, p, new_seed() if p else 0)
