@@ -9,6 +9,8 @@ the activations, whatever m and n:
   * m <= n (heuristic with n >= m, random in training): group the B's by their A,
     B~_i = sum_j P[j, i] B_j, y = [B~_1 .. B~_m][A_1; ..; A_m] x   (rank m r);
   * m > n: group the A's by their B, A~_j = sum_i P[j, i] A_i, y = [B_1 .. B_n][A~_1; ..; A~_n] x.
+The two factors then go through fused_ops (one hand-written backward for base + update; for a
+Llama MLP's down_proj the whole gated tail, see gated_mlp.py) wherever it applies.
 `impl="loop"` computes every pair on the activations, B_j (A_i x), straight from the formula: the
 test oracle's twin and the benchmark's stand-in for the authors' implementation.
 
