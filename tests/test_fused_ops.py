@@ -193,3 +193,27 @@ def test_merged_model_restores_the_mlp_forward():
     plain = merged_model(model)
     assert not any("forward" in m.__dict__ for m in plain.modules())
     assert not any(isinstance(m, CoLALinear) for m in plain.modules())
+
+
+def test_parameters_are_read_only_inside_module_calls():
+    """DeepSpeed ZeRO-3 gathers a module's parameters in its pre-forward hook: the gated MLP must
+    reach down_proj's factors through a module call, never around it."""
+    model = attach_adapter(_llama(torch.float32), _cola("heuristic", 0.1), TARGETS)
+    inside = set()
+    for m in model.modules():
+        if isinstance(m, CoLALinear):
+            m.register_forward_pre_hook(lambda mod, args: inside.add(id(mod)))
+            m.register_forward_hook(lambda mod, args, out: inside.discard(id(mod)))
+    real = CoLALinear.factors
+    calls = []
+
+    def checked(self, *args, **kwargs):
+        assert id(self) in inside, "factors() read outside the module call"
+        calls.append(id(self))
+        return real(self, *args, **kwargs)
+
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with mock.patch.object(CoLALinear, "factors", checked):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(set(calls)) == 14

@@ -37,6 +37,7 @@ from .layer import AdapterLinear, new_param
 
 
 class CoLALinear(AdapterLinear):
+    takes_gated_input = True   # forward(gate, up=up): see gated_mlp.py
     # fused impl: the hand-written backward of fused_ops where it applies (False: plain autograd
     # ops, kept for the benchmark's before/after and as the ZeRO-3 / mixed-dtype path)
     custom_backward = True
@@ -94,7 +95,13 @@ class CoLALinear(AdapterLinear):
         A_grouped = torch.einsum("ji,ird->jrd", P, A).reshape(n * r, self.in_features)
         return A_grouped, B.reshape(self.out_features, n * r) * s
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, up: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """self(x), or self(gate, up=up) for silu(gate) * up (a gated MLP's down_proj, gated_mlp.py).
+
+        Both go through the module call, so hooks that manage parameters (DeepSpeed ZeRO-3's
+        gather) run before any parameter is read."""
+        if up is not None:
+            return self._forward_gated(x, up)
         if self.merged or self.impl == "loop" or args or kwargs:
             return super().forward(x, *args, **kwargs)
         A, B = self.factors(train_rule=self.training)
@@ -107,17 +114,15 @@ class CoLALinear(AdapterLinear):
     def _dropout_p(self) -> float:
         return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
 
-    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """This layer applied to silu(gate) * up: a gated MLP's down_proj (see gated_mlp.py).
-
-        Fused, the product is never stored: the backward recomputes it from gate and up."""
+    def _forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Fused, the product silu(gate) * up is never stored: the backward recomputes it."""
         if not (self.merged or self.impl == "loop" or not self.custom_backward):
             A, B = self.factors(train_rule=self.training)
             g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
             if g2.dtype == u2.dtype and fused_ops.can_fuse(self.base_layer, g2, A, B):
                 out = fused_ops.gated_low_rank_mlp(self.base_layer, g2, u2, A, B, self._dropout_p())
                 return out.view(*gate.shape[:-1], out.shape[-1])
-        return self(F.silu(gate) * up)
+        return self.forward(F.silu(gate) * up)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self._cast_input(x, self.lora_A.dtype))

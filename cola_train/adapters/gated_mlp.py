@@ -20,18 +20,22 @@ def is_gated_silu_mlp(module: nn.Module) -> bool:
             and type(getattr(module, "act_fn", None)).__name__ in _SILU)
 
 
+def _takes_gated_input(module: nn.Module) -> bool:
+    return getattr(module, "takes_gated_input", False)
+
+
 def gated_mlp_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if hasattr(self.down_proj, "forward_gated"):
-        return self.down_proj.forward_gated(gate, up)
+    if _takes_gated_input(self.down_proj):
+        return self.down_proj(gate, up=up)   # a module call: ZeRO-3 gathers its parameters first
     return self.down_proj(self.act_fn(gate) * up)
 
 
 def install(model: nn.Module) -> int:
-    """Route every gated SiLU MLP whose down_proj has `forward_gated` through it; returns the count."""
+    """Route every gated SiLU MLP whose down_proj takes (gate, up=up) through it; returns the count."""
     count = 0
     for module in model.modules():
-        if is_gated_silu_mlp(module) and hasattr(module.down_proj, "forward_gated"):
+        if is_gated_silu_mlp(module) and _takes_gated_input(module.down_proj):
             module.forward = types.MethodType(gated_mlp_forward, module)
             count += 1
     return count
