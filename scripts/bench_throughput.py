@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cola_train import adapters  # noqa: E402
-from cola_train.adapters import CoLALinear, gated_mlp  # noqa: E402
+from cola_train.adapters import AdapterLinear, gated_mlp  # noqa: E402
 from cola_train.config import MethodConfig  # noqa: E402
 from cola_train.models import DEFAULT_TARGETS  # noqa: E402
 
@@ -59,6 +59,10 @@ VARIANTS = {
                                     alpha=16, dropout=0.0),
     "MoLE (3 experts)": MethodConfig(name="mole", kind="mole", num_A=3, num_B=3, r=8, alpha=16,
                                      dropout=0.0),
+    "HydraLoRA (n=3), autograd backward": MethodConfig(name="hydralora", kind="hydralora", num_A=1, num_B=3,
+                                                       r=8, alpha=16, dropout=0.0),
+    "MoLE (3 experts), autograd backward": MethodConfig(name="mole", kind="mole", num_A=3, num_B=3, r=8,
+                                                        alpha=16, dropout=0.0),
     "FFT": "fft",
 }
 
@@ -163,7 +167,7 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
 
 def measure(base, name, variant, targets, batch, device, args, n_params, peak) -> dict:
     model, undo = attach(base, variant, targets)
-    CoLALinear.custom_backward = "autograd backward" not in name
+    AdapterLinear.custom_backward = "autograd backward" not in name
     try:
         ms, mem = time_steps(model, batch, device, args.warmup, args.reps, optimizer=args.optimizer)
         row = {"variant": name, "step_ms": ms * 1e3, "tokens_per_s": batch.numel() / ms, "peak_gib": mem,
@@ -173,7 +177,7 @@ def measure(base, name, variant, targets, batch, device, args, n_params, peak) -
     except torch.OutOfMemoryError:
         row = {"variant": name, "error": "OOM"}
     finally:
-        CoLALinear.custom_backward = True
+        AdapterLinear.custom_backward = True
         undo()
         del model
         gc.collect()
@@ -187,7 +191,7 @@ def profile(base, name, variant, targets, batch, device, optimizer: str) -> None
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     model, undo = attach(base, variant, targets)
-    CoLALinear.custom_backward = "autograd backward" not in name
+    AdapterLinear.custom_backward = "autograd backward" not in name
     try:
         time_steps(model, batch, device, warmup=2, reps=1, optimizer=optimizer)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -196,7 +200,7 @@ def profile(base, name, variant, targets, batch, device, optimizer: str) -> None
         key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(f"\n## profile: {name}\n" + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
     finally:
-        CoLALinear.custom_backward = True
+        AdapterLinear.custom_backward = True
         undo()
         del model
         gc.collect()

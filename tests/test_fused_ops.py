@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cola_train.adapters import CoLALinear, attach_adapter, gated_mlp, merged_model, resample
+from cola_train.adapters import (AdapterLinear, CoLALinear, attach_adapter, aux_loss, gated_mlp, merged_model,
+                                 resample)
 from cola_train.adapters import fused_ops
 from cola_train.config import MethodConfig
 
@@ -63,6 +64,34 @@ def test_gated_mlp_gradcheck(bias, p):
     torch.testing.assert_close(fn(gate, up, A, B), expected, rtol=1e-12, atol=1e-12)
 
 
+def _ref_routed(x, weight, bias, R, A, B, r, p, seed):
+    probs = torch.softmax(x @ R.t(), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+    xa = x * fused_ops.dropout_mask(x, p, seed) if p else x
+    h = (xa @ A.t()).view(x.shape[0], -1, r)
+    return F.linear(x, weight, bias) + (probs.to(h.dtype).unsqueeze(-1) * h).flatten(1) @ B.t(), probs
+
+
+@pytest.mark.parametrize("groups", [1, 3])       # 1: HydraLoRA's shared A; 3: MoLE's experts
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_routed_low_rank_linear_gradcheck(groups, p):
+    torch.manual_seed(2)
+    base = _frozen_linear(6, 5, True)
+    E, r = 3, 2
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(E, 6, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(groups * r, 6, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, E * r, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, R, A, B):   # both outputs: probs carries MoLE's balance-loss gradient
+        return fused_ops.RoutedLowRankLinear.apply(x, base.weight, base.bias, R, A, B, r, p, 5)
+
+    assert torch.autograd.gradcheck(fn, (x, R, A, B))
+    out, probs = fn(x, R, A, B)
+    ref_out, ref_probs = _ref_routed(x, base.weight, base.bias, R, A, B, r, p, 5)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probs, ref_probs, rtol=1e-12, atol=1e-12)
+
+
 def test_dropout_mask_is_a_seeded_inverted_dropout():
     like = torch.empty(200, 100)
     mask = fused_ops.dropout_mask(like, 0.3, 7)
@@ -100,7 +129,7 @@ def _cola(strategy, dropout=0.0):
 
 
 def _grads(model, ids, custom, seed=0):
-    CoLALinear.custom_backward = custom
+    AdapterLinear.custom_backward = custom
     try:
         model.train()
         model.zero_grad(set_to_none=True)
@@ -109,7 +138,7 @@ def _grads(model, ids, custom, seed=0):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     finally:
-        CoLALinear.custom_backward = True
+        AdapterLinear.custom_backward = True
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -140,6 +169,54 @@ def test_model_gradients_match_autograd(strategy, dropout):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     assert grads.keys() == ref.keys() and len(grads) == 28
     for name in grads:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+ROUTED = {"hydralora": dict(kind="hydralora", num_A=1, num_B=3),
+          "mole": dict(kind="mole", num_A=3, num_B=3)}
+
+
+def _routed_grads(model, ids, custom, seed=0):
+    AdapterLinear.custom_backward = custom
+    try:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        loss = model(input_ids=ids, labels=ids).loss
+        aux = aux_loss(model)
+        loss = loss + aux if aux is not None else loss
+        loss.backward()
+    finally:
+        AdapterLinear.custom_backward = True
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["hydralora", "mole"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_routed_model_gradients_match_autograd(kind, dropout):
+    """HydraLoRA and MoLE (with MoLE's balance loss) in float64, as the CoLA test above."""
+    cfg = MethodConfig(name=kind, r=4, alpha=8.0, dropout=dropout, balance_coef=0.5, **ROUTED[kind])
+    model = attach_adapter(_llama(torch.float64), cfg, TARGETS)
+    with torch.no_grad():   # B's and MoLE's gate start at zero: give every path a gradient
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_(0, 0.1)
+            if hasattr(m, "balance_coef"):     # a uniform gate has a zero balance-loss gradient
+                m.gate.weight.normal_(0, 0.5)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with mock.patch.object(fused_ops.RoutedLowRankLinear, "apply",
+                           wraps=fused_ops.RoutedLowRankLinear.apply) as routed:
+        loss, grads = _routed_grads(model, ids, custom=True)
+    assert routed.call_count == 14
+    if dropout:
+        with mock.patch.object(fused_ops.RoutedLowRankLinear, "apply", _ref_routed):
+            ref_loss, ref = _routed_grads(model, ids, custom=True)
+    else:
+        ref_loss, ref = _routed_grads(model, ids, custom=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref.keys() and len(grads) == 42
+    for name in grads:
+        assert grads[name].abs().sum() > 0, name
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
@@ -175,11 +252,11 @@ def test_adapted_model_keeps_no_more_than_the_frozen_one(dropout):
     model = attach_adapter(_llama(torch.float32), _cola("fully", dropout), TARGETS)
     model.enable_input_require_grads()
     fused = _saved_bytes(model, ids)
-    CoLALinear.custom_backward = False
+    AdapterLinear.custom_backward = False
     try:
         plain = _saved_bytes(model, ids)
     finally:
-        CoLALinear.custom_backward = True
+        AdapterLinear.custom_backward = True
     # what remains above the floor: the attention and MLP inputs (2 x 64 wide) and the small z's
     tokens = ids.numel()
     extra = 2 * (2 * tokens * 64 * 4)

@@ -38,10 +38,6 @@ from .layer import AdapterLinear, new_param
 
 class CoLALinear(AdapterLinear):
     takes_gated_input = True   # forward(gate, up=up): see gated_mlp.py
-    # fused impl: the hand-written backward of fused_ops where it applies (False: plain autograd
-    # ops, kept for the benchmark's before/after and as the ZeRO-3 / mixed-dtype path)
-    custom_backward = True
-
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
                  num_A: int, num_B: int, strategy: str, impl: str = "fused"):
         super().__init__(base_layer, r, alpha, dropout)
@@ -110,9 +106,6 @@ class CoLALinear(AdapterLinear):
             result = fused_ops.low_rank_linear(self.base_layer, x2, A, B, self._dropout_p())
             return result.view(*x.shape[:-1], result.shape[-1])
         return self._fused_forward(x, lambda rows: (F.linear(self.dropout(self._cast_input(rows, A.dtype)), A), B))
-
-    def _dropout_p(self) -> float:
-        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
 
     def _forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Fused, the product silu(gate) * up is never stored: the backward recomputes it."""

@@ -142,3 +142,63 @@ def low_rank_linear(base: nn.Linear, x: torch.Tensor, A: torch.Tensor, B: torch.
 def gated_low_rank_mlp(base: nn.Linear, gate: torch.Tensor, up: torch.Tensor,
                        A: torch.Tensor, B: torch.Tensor, p: float = 0.0) -> torch.Tensor:
     return GatedLowRankMLP.apply(gate, up, base.weight, base.bias, A, B, p, new_seed() if p else 0)
+
+
+class RoutedLowRankLinear(torch.autograd.Function):
+    """HydraLoRA and MoLE: a per-token softmax over E heads mixes low-rank updates.
+
+        logits = x R^T,  probs = softmax(logits) in float32,  h = drop(x) A^T viewed (T, G, r)
+        out = x W^T + b + sum_e probs[:, e] * h[:, e or 0] B_e^T      (B = [B_1 .. B_E], scaled)
+
+    G = 1 (HydraLoRA: one shared A for every head) or E (MoLE: one A per expert). Returns
+    (out, probs): probs carries MoLE's balance-loss gradient back in. The router reads the
+    undropped x, as the official code does. dx = g W + d_logits R + d_h A in one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, R, A, B, r, p, seed):
+        probs = torch.softmax(x @ R.t(), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+        xa, _ = _dropped(x, p, seed)
+        h = (xa @ A.t()).view(x.shape[0], -1, r)
+        del xa
+        out = F.linear(x, weight, bias)
+        out.addmm_((probs.to(h.dtype).unsqueeze(-1) * h).flatten(1), B.t())
+        ctx.p, ctx.seed, ctx.r = p, seed, r
+        ctx.save_for_backward(x, weight, R, A, B, h, probs)
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, g, g_probs):
+        x, weight, R, A, B, h, probs = ctx.saved_tensors
+        gate = probs.to(h.dtype).unsqueeze(-1)                     # (T, E, 1)
+        weighted = (gate * h).flatten(1)                           # (T, E r)
+        dB = g.t() @ weighted
+        del weighted
+        d_w = (g @ B).view(g.shape[0], -1, ctx.r)                  # (T, E, r)
+        d_probs = (d_w * h).sum(-1).to(probs.dtype)
+        if g_probs is not None:
+            d_probs = d_probs + g_probs
+        d_logits = (probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))).to(x.dtype)
+        d_h = d_w * gate
+        if h.shape[1] == 1:                                        # shared A: sum over the heads
+            d_h = d_h.sum(1, keepdim=True)
+        d_h = d_h.flatten(1)
+        dR = d_logits.t() @ x
+        xa, mask = _dropped(x, ctx.p, ctx.seed)
+        dA = d_h.t() @ xa
+        del xa
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = g @ weight
+            dx.addmm_(d_logits, R)
+            if mask is None:
+                dx.addmm_(d_h, A)
+            else:
+                dx.add_((d_h @ A).mul_(mask))
+        return dx, None, None, dR, dA, dB, None, None, None
+
+
+def routed_low_rank_linear(base: nn.Linear, x: torch.Tensor, R: torch.Tensor, A: torch.Tensor,
+                           B: torch.Tensor, r: int, p: float = 0.0):
+    """(out, probs); see RoutedLowRankLinear."""
+    return RoutedLowRankLinear.apply(x, base.weight, base.bias, R, A, B, r, p, new_seed() if p else 0)

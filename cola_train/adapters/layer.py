@@ -32,6 +32,9 @@ except ImportError:  # pragma: no cover
 
 class AdapterLinear(nn.Module):
     mergeable = True
+    # fused impl: the hand-written backward of fused_ops where it applies (False: plain autograd
+    # ops, kept for the benchmark's before/after and as the ZeRO-3 / mixed-dtype path)
+    custom_backward = True
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
@@ -78,6 +81,9 @@ class AdapterLinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _dropout_p(self) -> float:
+        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
 
     def _fused_forward(self, x: torch.Tensor, mixed) -> torch.Tensor:
         """base(x) + z B^T for an update computed as (z, B) = mixed(x) on 2-D rows.
