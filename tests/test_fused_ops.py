@@ -294,3 +294,17 @@ def test_parameters_are_read_only_inside_module_calls():
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
     assert len(set(calls)) == 14
+
+
+def test_routed_mlps_survive_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    model = attach_adapter(_llama(torch.float32), _cola("fully"), TARGETS).eval()
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            mlps = [m for m in clone.modules() if isinstance(m.__dict__.get("forward"), gated_mlp.GatedForward)]
+            assert len(mlps) == 2 and all(m.forward.mlp is m for m in mlps)   # bound to the copy
+            torch.testing.assert_close(clone(input_ids=ids).logits, expected)

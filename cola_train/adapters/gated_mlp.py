@@ -8,8 +8,6 @@ the instance forward falls back to the model's own formula whenever down_proj is
 """
 from __future__ import annotations
 
-import types
-
 from torch import nn
 
 _SILU = ("SiLU", "SiLUActivation")
@@ -24,11 +22,18 @@ def _takes_gated_input(module: nn.Module) -> bool:
     return getattr(module, "takes_gated_input", False)
 
 
-def gated_mlp_forward(self, x):
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    if _takes_gated_input(self.down_proj):
-        return self.down_proj(gate, up=up)   # a module call: ZeRO-3 gathers its parameters first
-    return self.down_proj(self.act_fn(gate) * up)
+class GatedForward:
+    """The instance forward of a routed MLP: a picklable object (a bound function would not be)."""
+
+    def __init__(self, mlp: nn.Module):
+        self.mlp = mlp
+
+    def __call__(self, x):
+        mlp = self.mlp
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if _takes_gated_input(mlp.down_proj):
+            return mlp.down_proj(gate, up=up)   # a module call: ZeRO-3 gathers its parameters first
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def install(model: nn.Module) -> int:
@@ -36,12 +41,12 @@ def install(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if is_gated_silu_mlp(module) and _takes_gated_input(module.down_proj):
-            module.forward = types.MethodType(gated_mlp_forward, module)
+            module.forward = GatedForward(module)
             count += 1
     return count
 
 
 def uninstall(model: nn.Module) -> None:
     for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is gated_mlp_forward:
+        if isinstance(module.__dict__.get("forward"), GatedForward):
             del module.forward
