@@ -5,8 +5,9 @@
 A job dir is any folder under the multirun dir holding `.hydra/config.yaml`. A job counts only
 if its `results.json` parses and says status "completed"; every other job is listed under
 "Failed jobs" with the reason and never averaged in. Completed jobs are grouped by model,
-method, domain and training-set size (n_train_samples); each metric is shown as the mean and
-the sample standard deviation (ddof=1) over the group's seeds, with n.
+method, domain and training-set size (n_train_samples), and split by any swept hyper-parameter
+(HYPER: lr, r, ...) that varies inside such a cell; each metric is shown as the mean and the
+sample standard deviation (ddof=1) over the group's seeds, with n.
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ METRICS = [
     ("energy_j", "energy (J)", ("energy", "joules")),
 ]
 PLOTTED = ["accuracy", "eval_loss"]
+# hyper-parameters a study may sweep besides the seed: where one varies inside a (model, method,
+# domain, size) cell, its value splits the cell and is shown as the row's "settings"
+HYPER = [("trainer", "lr", "lr"), ("method", "r", "r"), ("method", "alpha", "alpha"),
+         ("method", "num_A", "num_A"), ("method", "num_B", "num_B"), ("method", "dropout", "dropout"),
+         ("method", "links", "links"), ("trainer", "batch_size", "batch"), ("trainer", "epochs", "epochs"),
+         ("data", "cutoff_len", "cutoff")]
 
 
 @dataclass
@@ -124,16 +131,28 @@ def _stats(values: list[float]) -> dict:
             "n": len(arr)}
 
 
+def _hyper(job: Job) -> dict:
+    return {label: _get(job.config, section, key) for section, key, label in HYPER}
+
+
 def summarize(jobs: list[Job]) -> list[dict]:
-    """One row per (model, method, domain, n_train_samples) with per-metric mean/std/n."""
+    """One row per (model, method, domain, n_train_samples) with per-metric mean/std/n; split
+    further by any HYPER setting that varies inside such a cell (e.g. an lr sweep)."""
+    done = [j for j in jobs if j.results is not None]
+    cells: dict[tuple, list[Job]] = {}
+    for job in done:
+        cells.setdefault(_key(job), []).append(job)
+    varying = [label for _, _, label in HYPER
+               if any(len({repr(_hyper(j)[label]) for j in cell}) > 1 for cell in cells.values())]
     groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        if job.results is not None:
-            groups.setdefault(_key(job), []).append(job)
+    for job in done:
+        settings = tuple((label, _hyper(job)[label]) for label in varying)
+        groups.setdefault((*_key(job), settings), []).append(job)
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], k[2], k[1], k[3])):
+    for key in sorted(groups, key=lambda k: (k[0], k[2], k[1], k[3], repr(k[4]))):
         members = groups[key]
         row = {"model": key[0], "method": key[1], "domain": key[2], "n_train_samples": key[3],
+               "settings": ", ".join(f"{label}={value}" for label, value in key[4]),
                "n": len(members),
                "seeds": sorted({_get(j.config, "seed") for j in members}, key=str)}
         for name, _, path in METRICS:
@@ -167,25 +186,27 @@ def _cell(stat: dict, name: str, n_group: int) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    titles = ["model", "method", "domain", "samples", "n"] + [t for _, t, _ in METRICS]
+    with_settings = any(r.get("settings") for r in rows)
+    titles = ["model", "method"] + (["settings"] if with_settings else []) + ["domain", "samples", "n"]
+    titles += [t for _, t, _ in METRICS]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for r in rows:
-        cells = [r["model"], r["method"], r["domain"],
-                 str(r["n_train_samples"]) if r["n_train_samples"] >= 0 else "?", str(r["n"])]
+        cells = [r["model"], r["method"]] + ([r.get("settings", "")] if with_settings else [])
+        cells += [r["domain"], str(r["n_train_samples"]) if r["n_train_samples"] >= 0 else "?", str(r["n"])]
         cells += [_cell(r[name], name, r["n"]) for name, _, _ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
-    header = ["model", "method", "domain", "n_train_samples", "n", "seeds"]
+    header = ["model", "method", "settings", "domain", "n_train_samples", "n", "seeds"]
     for name, _, _ in METRICS:
         header += [f"{name}_mean", f"{name}_std", f"{name}_n"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in rows:
-            line = [r["model"], r["method"], r["domain"], r["n_train_samples"], r["n"],
+            line = [r["model"], r["method"], r.get("settings", ""), r["domain"], r["n_train_samples"], r["n"],
                     " ".join(map(str, r["seeds"]))]
             for name, _, _ in METRICS:
                 s = r[name]
@@ -196,7 +217,8 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 def _label(row: dict, many_models: bool) -> str:
-    return f"{row['model']}/{row['method']}" if many_models else row["method"]
+    label = f"{row['model']}/{row['method']}" if many_models else row["method"]
+    return f"{label} ({row['settings']})" if row.get("settings") else label
 
 
 def plot_vs_samples(rows: list[dict], metric: str, title: str, path: Path) -> Path | None:

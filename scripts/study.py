@@ -8,8 +8,10 @@ One shard = one (domain, method, sample size) cell: a multirun over the seeds, s
 shard is a finished table cell. Shards run --parallel at a time, largest sample size first (a
 135M model leaves an H100 mostly idle, so several processes share it). Every job lands under
 <sweep-dir>/<domain>/<method>_n<size>/. After --deadline seconds no new shard starts: the device
-tool limits a call's length, and the study is spread over several calls. A shard whose seeds all
+tool limits a call's length, and the study is spread over several calls. A shard whose jobs all
 completed is skipped, so running the same command again goes on where the last call stopped.
+A comma list after -- is swept inside every cell (the learning-rate check:
+`-- trainer.lr=5e-5,2e-4,1e-3`); the report then shows one row per value.
 `python -m cola_train.report <sweep-dir>/<domain>` (run at the end for each domain) builds the
 tables and plots. A failed shard is reported and the others go on; the report lists failed jobs.
 """
@@ -36,6 +38,16 @@ def shard_command(args, domain: str, method: str, size: int, extra: list[str]) -
             f"hydra.sweep.dir={shard_dir(args, domain, method, size)}", *extra]
 
 
+def jobs_per_cell(seeds: str, extra: list[str]) -> int:
+    """Seeds times every comma-swept override after -- (e.g. trainer.lr=5e-5,2e-4 doubles it)."""
+    n = len(seeds.split(","))
+    for override in extra:
+        _, _, value = override.partition("=")
+        if "," in value and not value.lstrip().startswith(("[", "{", "'", '"')):
+            n *= len(value.split(","))
+    return n
+
+
 def completed(path: Path) -> int:
     done = 0
     for results in path.glob("*/results.json"):
@@ -58,10 +70,10 @@ def main(argv=None) -> int:
     ap.add_argument("extra", nargs="*", help="overrides for every job (after --)")
     args = ap.parse_args(argv)
     start = time.time()
-    n_seeds = len(args.seeds.split(","))
+    n_jobs = jobs_per_cell(args.seeds, args.extra)
     sizes = sorted((int(s) for s in args.sizes.split(",")), reverse=True)
     shards = [(d, m, n) for n, d, m in itertools.product(sizes, args.domains.split(","), args.methods.split(","))
-              if completed(shard_dir(args, d, m, n)) < n_seeds]
+              if completed(shard_dir(args, d, m, n)) < n_jobs]
     # parallel jobs share the cores: without this each one starts a thread per core
     threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ, "PYTHONUNBUFFERED": "1"}
@@ -79,7 +91,7 @@ def main(argv=None) -> int:
             rc = subprocess.call(shard_command(args, domain, method, size, args.extra), stdout=f,
                                  stderr=subprocess.STDOUT, env=env)
         print(f"{domain} {method} n={size}: exit {rc} in {time.time() - t0:.0f}s "
-              f"({completed(path)}/{n_seeds} seeds completed)", flush=True)
+              f"({completed(path)}/{n_jobs} jobs completed)", flush=True)
         return rc
 
     with ThreadPoolExecutor(args.parallel) as pool:

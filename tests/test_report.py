@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cola_train.report import ReportError, main, write_report
+from cola_train.report import ReportError, find_jobs, main, summarize, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,3 +165,26 @@ def test_cli(sweep):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such directory" in proc.stderr
+
+
+def test_a_swept_hyper_parameter_splits_its_cells(tmp_path):
+    """An lr sweep inside one (method, size) cell: one row per lr, labelled, never averaged
+    together; a setting that differs only between methods adds no column."""
+    root = tmp_path / "multirun"
+    losses = {("lora", 1e-4, 1): 1.5, ("lora", 1e-4, 2): 1.7, ("lora", 5e-4, 1): 0.9,
+              ("cola_fully", 1e-4, 1): 1.1}
+    for i, ((method, lr, seed), loss) in enumerate(losses.items()):
+        _job(root, i, method, 100, seed, results={
+            "status": "completed", "n_train_samples": 100,
+            "config": {"model": {"name": "tiny_llama"}, "data": {"domain": "math", "max_samples": 100},
+                       "method": {"name": method, "alpha": 16 if method == "lora" else 8},
+                       "trainer": {"lr": lr}, "seed": seed},
+            "eval": {"loss": loss}})
+    rows = {(r["method"], r["settings"]): r for r in summarize(find_jobs(root))}
+    assert set(rows) == {("lora", "lr=0.0001"), ("lora", "lr=0.0005"), ("cola_fully", "lr=0.0001")}
+    assert rows[("lora", "lr=0.0001")]["eval_loss"]["mean"] == pytest.approx(1.6)
+    assert rows[("lora", "lr=0.0001")]["n"] == 2 and rows[("lora", "lr=0.0005")]["n"] == 1
+    md = write_report(root)["markdown"].read_text()
+    assert "| model | method | settings | domain |" in md
+    assert "| tiny_llama | lora | lr=0.0005 | math | 100 | 1 |" in md
+    assert "alpha" not in md

@@ -32,7 +32,8 @@ def test_study_runs_cells_then_resumes_and_respects_the_deadline(tmp_path, data_
     assert {r["status"] for r in results} == {"completed"}
     assert {r["config"]["data"]["max_samples"] for r in results} == {8}
     assert (tmp_path / "math" / "report.md").is_file()
-    assert "1 shards to run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 shards to run" in out and "(2/2 jobs completed)" in out
 
     stamp = max(p.stat().st_mtime for p in cell.glob("*/results.json"))
     time.sleep(0.01)
@@ -42,3 +43,10 @@ def test_study_runs_cells_then_resumes_and_respects_the_deadline(tmp_path, data_
     assert "math lora n=16: not started (deadline)" in out
     assert not (tmp_path / "math" / "lora_n16").exists()
     assert max(p.stat().st_mtime for p in cell.glob("*/results.json")) == stamp
+
+
+def test_jobs_per_cell_counts_swept_overrides():
+    study = _study()
+    assert study.jobs_per_cell("1,2,3", ["trainer.batch_size=16"]) == 3
+    assert study.jobs_per_cell("1,2,3", ["trainer.lr=5e-5,2e-4", "method.r=4,8"]) == 12
+    assert study.jobs_per_cell("1", ["method.target_modules=[q_proj,v_proj]"]) == 1
