@@ -66,6 +66,19 @@ def _dropped(x: torch.Tensor, p: float, seed: int):
     return x * mask, mask
 
 
+def _down_grad(gd: torch.Tensor, inp: torch.Tensor, p: float, seed: int):
+    """(dA = gd^T drop(inp), the mask or None): the input's dropped copy lives only for this."""
+    xa, mask = _dropped(inp, p, seed)
+    return gd.t() @ xa, mask
+
+
+def _add_input_grad(dx: torch.Tensor, gd: torch.Tensor, A: torch.Tensor, mask) -> torch.Tensor:
+    """dx += (gd A) * mask, into dx's own buffer."""
+    if mask is None:
+        return dx.addmm_(gd, A)
+    return dx.add_((gd @ A).mul_(mask))
+
+
 class LowRankLinear(torch.autograd.Function):
     """x: (T, d_in); p, seed: the adapter's dropout (p = 0: none)."""
 
@@ -85,16 +98,8 @@ class LowRankLinear(torch.autograd.Function):
         x, weight, A, B, z = ctx.saved_tensors
         gz = g @ B
         dB = g.t() @ z
-        xa, mask = _dropped(x, ctx.p, ctx.seed)
-        dA = gz.t() @ xa
-        del xa
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = g @ weight
-            if mask is None:
-                dx.addmm_(gz, A)
-            else:
-                dx.add_((gz @ A).mul_(mask))
+        dA, mask = _down_grad(gz, x, ctx.p, ctx.seed)
+        dx = _add_input_grad(g @ weight, gz, A, mask) if ctx.needs_input_grad[0] else None
         return dx, None, None, dA, dB, None, None
 
 
@@ -119,14 +124,8 @@ class GatedLowRankMLP(torch.autograd.Function):
         gz = g @ B
         dB = g.t() @ z
         act = F.silu(gate)
-        ha, mask = _dropped(act * up, ctx.p, ctx.seed)
-        dA = gz.t() @ ha
-        del ha
-        dh = g @ weight
-        if mask is None:
-            dh.addmm_(gz, A)
-        else:
-            dh.add_((gz @ A).mul_(mask))
+        dA, mask = _down_grad(gz, act * up, ctx.p, ctx.seed)
+        dh = _add_input_grad(g @ weight, gz, A, mask)
         del mask
         dup = dh * act
         del act
@@ -184,17 +183,10 @@ class RoutedLowRankLinear(torch.autograd.Function):
             d_h = d_h.sum(1, keepdim=True)
         d_h = d_h.flatten(1)
         dR = d_logits.t() @ x
-        xa, mask = _dropped(x, ctx.p, ctx.seed)
-        dA = d_h.t() @ xa
-        del xa
+        dA, mask = _down_grad(d_h, x, ctx.p, ctx.seed)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = g @ weight
-            dx.addmm_(d_logits, R)
-            if mask is None:
-                dx.addmm_(d_h, A)
-            else:
-                dx.add_((d_h @ A).mul_(mask))
+            dx = _add_input_grad((g @ weight).addmm_(d_logits, R), d_h, A, mask)
         return dx, None, None, dR, dA, dB, None, None, None
 
 
