@@ -109,7 +109,7 @@ class CoLALinear(AdapterLinear):
 
     def _forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Fused, the product silu(gate) * up is never stored: the backward recomputes it."""
-        if not (self.merged or self.impl == "loop" or not self.custom_backward):
+        if self.custom_backward and not self.merged and self.impl != "loop":
             A, B = self.factors(train_rule=self.training)
             g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
             if g2.dtype == u2.dtype and fused_ops.can_fuse(self.base_layer, g2, A, B):

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_ops
 from . import init as inits
 from .layer import AdapterLinear, new_param
 
@@ -50,13 +49,10 @@ class HydraLoRALinear(AdapterLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged or self.impl == "loop" or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.custom_backward and self.router.weight.dtype == x2.dtype \
-                and fused_ops.can_fuse(self.base_layer, x2, self.lora_A, self.lora_B):
-            B = self.lora_B.reshape(self.out_features, -1) * self.scaling
-            out, _ = fused_ops.routed_low_rank_linear(self.base_layer, x2, self.router.weight, self.lora_A,
-                                                      B, self.r, self._dropout_p())
-            return out.view(*x.shape[:-1], out.shape[-1])
+        routed = self._routed_forward(x, self.router, self.lora_A,
+                                      self.lora_B.reshape(self.out_features, -1) * self.scaling)
+        if routed is not None:
+            return routed[0]
         return self._fused_forward(x, self._mixed)
 
     def _mixed(self, x: torch.Tensor):

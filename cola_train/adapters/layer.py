@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_ops
 from . import init as inits
 
 try:  # gathers the weight under DeepSpeed ZeRO-3, no-op otherwise
@@ -84,6 +85,17 @@ class AdapterLinear(nn.Module):
 
     def _dropout_p(self) -> float:
         return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def _routed_forward(self, x: torch.Tensor, router: nn.Linear, A: torch.Tensor, B: torch.Tensor):
+        """(output, router probabilities) through fused_ops.RoutedLowRankLinear (HydraLoRA, MoLE),
+        or None where it does not apply and the caller takes the plain path."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if not (self.custom_backward and router.weight.dtype == x2.dtype
+                and fused_ops.can_fuse(self.base_layer, x2, A, B)):
+            return None
+        out, probs = fused_ops.routed_low_rank_linear(self.base_layer, x2, router.weight, A, B, self.r,
+                                                      self._dropout_p())
+        return out.view(*x.shape[:-1], out.shape[-1]), probs
 
     def _fused_forward(self, x: torch.Tensor, mixed) -> torch.Tensor:
         """base(x) + z B^T for an update computed as (z, B) = mixed(x) on 2-D rows.

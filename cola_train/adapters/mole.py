@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_ops
 from . import init as inits
 from .layer import AdapterLinear, new_param
 from .spec import AdapterError
@@ -59,15 +58,13 @@ class MoLELinear(AdapterLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged or self.impl == "loop" or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.custom_backward and self.gate.weight.dtype == x2.dtype \
-                and fused_ops.can_fuse(self.base_layer, x2, self.lora_A, self.lora_B):
-            m, r = self.num_experts, self.r
-            out, probs = fused_ops.routed_low_rank_linear(
-                self.base_layer, x2, self.gate.weight, self.lora_A.reshape(m * r, self.in_features),
-                self.lora_B.reshape(self.out_features, m * r) * self.scaling, r, self._dropout_p())
+        m, r = self.num_experts, self.r
+        routed = self._routed_forward(x, self.gate, self.lora_A.reshape(m * r, self.in_features),
+                                      self.lora_B.reshape(self.out_features, m * r) * self.scaling)
+        if routed is not None:
+            out, probs = routed
             self.balance_loss = balance_loss(probs) if self.training else None
-            return out.view(*x.shape[:-1], out.shape[-1])
+            return out
         return self._fused_forward(x, self._mixed)
 
     def _gate_and_input(self, x: torch.Tensor):
