@@ -52,6 +52,7 @@ from . import adapters
 from .adapters import peft_methods
 from .adapters.io import our_layers, require_info, unwrap
 from .config import ConfigError, MethodConfig
+from .models import upcast_trainable
 
 log = logging.getLogger("cola_train")
 
@@ -272,6 +273,7 @@ def switch(model, next_rank: int, seed: int):
     unchanged. Returns ({param name: CPU copy}, {layer: (A, B)}) of the link that ended."""
     model = unwrap(model)
     trainable = _trainable(model)
+    fp32_masters = any(p.dtype == torch.float32 for p in trainable.values())
     with gathered(trainable.values(), modify=True):
         weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
         layers = _layers(model)
@@ -279,6 +281,8 @@ def switch(model, next_rank: int, seed: int):
         _merge(model, layers)
         with seeded(seed):
             adapters.reinit_adapter(model, rank=next_rank)
+    if fp32_masters:  # a new rank builds new tensors in the base's dtype: keep fp32 master weights
+        upcast_trainable(model)
     return weights, factors
 
 

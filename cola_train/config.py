@@ -96,6 +96,7 @@ class TrainerConfig:
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
     precision: str = "auto"                    # auto | bf16 | fp16 | fp32
+    master_weights: bool = True                # bf16/fp16 without DeepSpeed: fp32 trainable weights
     logging_steps: int = 10
     eval_steps: int = 0                        # 0: evaluate at the end only
     save_steps: int = 0                        # 0: save at the end only

@@ -26,6 +26,19 @@ def resolve_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def upcast_trainable(model: torch.nn.Module) -> int:
+    """fp32 master weights for mixed precision: a bf16 weight cannot take an AdamW step smaller
+    than its rounding step (lr 5e-5 at warm-up is), so pure-bf16 training silently drops early
+    updates. The adapters cast their factors back to the activations' dtype per step
+    (AdapterLinear._to_compute); the frozen base stays in half precision. Returns the count."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
 def target_modules(cfg: ModelConfig) -> list[str]:
     if cfg.target_modules:
         return list(cfg.target_modules)

@@ -14,7 +14,7 @@ from . import adapters, chain, distributed
 from .config import validate
 from .energy import EnergyMeter
 from .data import load_domain_records, split_train_val, tokenize_records
-from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules
+from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
 from .results import write_json_atomic
 
 log = logging.getLogger("cola_train")
@@ -76,6 +76,9 @@ def build_model(cfg):
         # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets))  # chain: its base
+    mixed = any(_precision(cfg).values())
+    if mixed and cfg.trainer.master_weights and not distributed.deepspeed_enabled(cfg):
+        log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))
     return tokenizer, model
 
 

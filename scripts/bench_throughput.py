@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cola_train import adapters  # noqa: E402
 from cola_train.adapters import AdapterLinear, gated_mlp  # noqa: E402
 from cola_train.config import MethodConfig  # noqa: E402
-from cola_train.models import DEFAULT_TARGETS  # noqa: E402
+from cola_train.models import DEFAULT_TARGETS, upcast_trainable  # noqa: E402
 
 SHAPES = {
     "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -63,6 +63,14 @@ VARIANTS = {
                                                        r=8, alpha=16, dropout=0.0),
     "MoLE (3 experts), autograd backward": MethodConfig(name="mole", kind="mole", num_A=3, num_B=3, r=8,
                                                         alpha=16, dropout=0.0),
+    # what `python -m cola_train` trains with under bf16 without DeepSpeed (trainer.master_weights):
+    # fp32 trainable weights, cast to bf16 for the maths every step
+    "CoLA heuristic fused, fp32 master weights": MethodConfig(name="cola_heuristic", strategy="heuristic",
+                                                              impl="fused", **COLA),
+    "HydraLoRA (n=3), fp32 master weights": MethodConfig(name="hydralora", kind="hydralora", num_A=1,
+                                                         num_B=3, r=8, alpha=16, dropout=0.0),
+    "MoLE (3 experts), fp32 master weights": MethodConfig(name="mole", kind="mole", num_A=3, num_B=3, r=8,
+                                                          alpha=16, dropout=0.0),
     "FFT": "fft",
 }
 
@@ -167,6 +175,8 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
 
 def measure(base, name, variant, targets, batch, device, args, n_params, peak) -> dict:
     model, undo = attach(base, variant, targets)
+    if "fp32 master weights" in name:
+        upcast_trainable(model)
     AdapterLinear.custom_backward = "autograd backward" not in name
     try:
         ms, mem = time_steps(model, batch, device, args.warmup, args.reps, optimizer=args.optimizer)
@@ -191,6 +201,8 @@ def profile(base, name, variant, targets, batch, device, optimizer: str) -> None
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     model, undo = attach(base, variant, targets)
+    if "fp32 master weights" in name:
+        upcast_trainable(model)
     AdapterLinear.custom_backward = "autograd backward" not in name
     try:
         time_steps(model, batch, device, warmup=2, reps=1, optimizer=optimizer)

@@ -100,7 +100,7 @@ class CoLALinear(AdapterLinear):
             return self._forward_gated(x, up)
         if self.merged or self.impl == "loop" or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        A, B = self.factors(train_rule=self.training)
+        A, B = self._to_compute(x, *self.factors(train_rule=self.training))
         x2 = x.reshape(-1, x.shape[-1])
         if self.custom_backward and fused_ops.can_fuse(self.base_layer, x2, A, B):
             result = fused_ops.low_rank_linear(self.base_layer, x2, A, B, self._dropout_p())
@@ -110,7 +110,7 @@ class CoLALinear(AdapterLinear):
     def _forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Fused, the product silu(gate) * up is never stored: the backward recomputes it."""
         if self.custom_backward and not self.merged and self.impl != "loop":
-            A, B = self.factors(train_rule=self.training)
+            A, B = self._to_compute(gate, *self.factors(train_rule=self.training))
             g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
             if g2.dtype == u2.dtype and fused_ops.can_fuse(self.base_layer, g2, A, B):
                 out = fused_ops.gated_low_rank_mlp(self.base_layer, g2, u2, A, B, self._dropout_p())

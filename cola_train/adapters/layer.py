@@ -73,6 +73,16 @@ class AdapterLinear(nn.Module):
             return x.to(dtype)
         return x
 
+    @staticmethod
+    def _to_compute(x: torch.Tensor, *weights: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """fp32 master weights under mixed precision (models.upcast_trainable) run in the
+        activations' half dtype: a differentiable cast of the small factors, so the fused path and
+        its hand-written backward still apply and the fp32 weights get the gradient."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if dtype not in (torch.bfloat16, torch.float16):
+            return weights
+        return tuple(w.to(dtype) if w.dtype == torch.float32 else w for w in weights)
+
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -90,10 +100,11 @@ class AdapterLinear(nn.Module):
         """(output, router probabilities) through fused_ops.RoutedLowRankLinear (HydraLoRA, MoLE),
         or None where it does not apply and the caller takes the plain path."""
         x2 = x.reshape(-1, x.shape[-1])
-        if not (self.custom_backward and router.weight.dtype == x2.dtype
+        R, A, B = self._to_compute(x2, router.weight, A, B)
+        if not (self.custom_backward and R.dtype == x2.dtype
                 and fused_ops.can_fuse(self.base_layer, x2, A, B)):
             return None
-        out, probs = fused_ops.routed_low_rank_linear(self.base_layer, x2, router.weight, A, B, self.r,
+        out, probs = fused_ops.routed_low_rank_linear(self.base_layer, x2, R, A, B, self.r,
                                                       self._dropout_p())
         return out.view(*x.shape[:-1], out.shape[-1]), probs
 
