@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -604,6 +605,10 @@ def hand_over_preemption() -> None:
     if callable(handler) and global_rank() == 0:
         handler(signum, None)  # exits (requeued), or raises if it may not requeue
     elif under_slurm() and not under_submitit() and global_rank() == 0:
+        if shutil.which("scontrol") is None:  # the checkpoint is saved: a re-run resumes it
+            log.warning("scontrol not on PATH: job %s not requeued; run it again to resume",
+                        os.environ["SLURM_JOB_ID"])
+            return
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
 
 
