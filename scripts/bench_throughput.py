@@ -144,6 +144,16 @@ def attach(base, variant, targets):
     return adapters.attach_adapter(base, variant, targets), undo
 
 
+def attach_variant(base, name, variant, targets):
+    """attach(), plus what the variant's name asks for: fp32 master weights, autograd's own
+    backward (the caller sets AdapterLinear.custom_backward back to True)."""
+    model, undo = attach(base, variant, targets)
+    if "fp32 master weights" in name:
+        upcast_trainable(model)
+    AdapterLinear.custom_backward = "autograd backward" not in name
+    return model, undo
+
+
 def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, optimizer: str = "fused"):
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per step, what the Trainer uses (optim=adamw_torch_fused, its default)
@@ -174,10 +184,7 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
 
 
 def measure(base, name, variant, targets, batch, device, args, n_params, peak) -> dict:
-    model, undo = attach(base, variant, targets)
-    if "fp32 master weights" in name:
-        upcast_trainable(model)
-    AdapterLinear.custom_backward = "autograd backward" not in name
+    model, undo = attach_variant(base, name, variant, targets)
     try:
         ms, mem = time_steps(model, batch, device, args.warmup, args.reps, optimizer=args.optimizer)
         row = {"variant": name, "step_ms": ms * 1e3, "tokens_per_s": batch.numel() / ms, "peak_gib": mem,
@@ -200,10 +207,7 @@ def profile(base, name, variant, targets, batch, device, optimizer: str) -> None
     """Where one step's GPU time goes: the top kernels by total CUDA time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    model, undo = attach(base, variant, targets)
-    if "fp32 master weights" in name:
-        upcast_trainable(model)
-    AdapterLinear.custom_backward = "autograd backward" not in name
+    model, undo = attach_variant(base, name, variant, targets)
     try:
         time_steps(model, batch, device, warmup=2, reps=1, optimizer=optimizer)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

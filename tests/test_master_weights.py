@@ -7,7 +7,6 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cola_train import run
 from cola_train.adapters import attach_adapter, aux_loss, fused_ops, resample
@@ -15,22 +14,18 @@ from cola_train.config import MethodConfig
 from cola_train.models import upcast_trainable
 
 from conftest import TINY, compose
+from test_fused_ops import TARGETS, _llama
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = {
     "cola_heuristic": dict(kind="cola", strategy="heuristic", num_A=2, num_B=3, init="pissa"),
     "hydralora": dict(kind="hydralora", num_A=1, num_B=3),
     "mole": dict(kind="mole", num_A=3, num_B=3),
 }
-FUSED = {"cola_heuristic": [fused_ops.LowRankLinear, fused_ops.GatedLowRankMLP],
-         "hydralora": [fused_ops.RoutedLowRankLinear], "mole": [fused_ops.RoutedLowRankLinear]}
+FUSED = (fused_ops.LowRankLinear, fused_ops.GatedLowRankMLP, fused_ops.RoutedLowRankLinear)
 
 
 def _model(method):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    model = attach_adapter(LlamaForCausalLM(cfg).to(torch.bfloat16),
+    model = attach_adapter(_llama(torch.bfloat16),
                            MethodConfig(name=method, r=4, alpha=8.0, dropout=0.0, **METHODS[method]), TARGETS)
     with torch.no_grad():  # zero-init B would give A no gradient
         for m in model.modules():
@@ -45,7 +40,7 @@ def _step(model, ids, lr):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
     resample(model, 0, 0)
-    spies = [mock.patch.object(f, "apply", wraps=f.apply) for f in {f for fs in FUSED.values() for f in fs}]
+    spies = [mock.patch.object(f, "apply", wraps=f.apply) for f in FUSED]
     mocks = [s.start() for s in spies]
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -113,11 +108,7 @@ def test_build_model_upcasts_only_trainable_weights_under_mixed_precision(overri
 def test_chain_link_switch_keeps_fp32_master_weights_when_the_rank_changes(base):
     from cola_train import chain
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    model = attach_adapter(LlamaForCausalLM(cfg).to(torch.bfloat16),
-                           MethodConfig(r=4, alpha=8.0, dropout=0.0, **base), TARGETS)
+    model = attach_adapter(_llama(torch.bfloat16), MethodConfig(r=4, alpha=8.0, dropout=0.0, **base), TARGETS)
     upcast_trainable(model)
     chain.switch(model, next_rank=2, seed=1)          # new, smaller tensors for the next link
     trainable = [p for p in model.parameters() if p.requires_grad]
