@@ -62,6 +62,7 @@ STATE_TENSORS = "chain_state.safetensors"
 FORMAT = "cola_train.chain/1"
 FROM_CHAIN = ("r", "alpha", "dropout", "target_modules")   # the per-link LoRA settings
 MERGEABLE = "lora, pissa, cola_fully, cola_random, cola_heuristic"
+LINK_WARMUPS = ("scaled", "full")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +178,8 @@ def check_config(cfg) -> None:
         validate_adapter(base)
     except AdapterError as err:
         raise ConfigError(f"method.base={m.base!r}: {err}") from None
+    if m.link_warmup not in LINK_WARMUPS:
+        raise ConfigError(f"method.link_warmup={m.link_warmup!r} is not one of {', '.join(LINK_WARMUPS)}")
     if links > 1 and m.restart_lr and distributed.deepspeed_enabled(cfg) \
             and "scheduler" in distributed.deepspeed_config(cfg):
         raise ConfigError(f"method.restart_lr=true restarts the trainer's schedule, but deepspeed={cfg.deepspeed.name} "
@@ -351,12 +354,25 @@ def _current_scheduler(trainer):
     return engine.lr_scheduler if engine is not None else trainer.lr_scheduler
 
 
-def restart_schedule(trainer, steps: int, continue_from=None) -> None:
-    """The trainer's learning-rate schedule again, over `steps` steps (one link); with
-    `continue_from` (a resume) that scheduler's position and learning rates are kept."""
+def link_warmup_steps(args, total_steps: int, link_steps: int, mode: str) -> int:
+    """A link's warm-up under restart_lr. `full` repeats the run's whole warm-up in every link,
+    which a short link may never finish (20 warm-up steps, 11-step links: the peak lr is never
+    reached). `scaled` gives each link its share, as if the run's schedule were squeezed into it."""
+    whole = args.get_warmup_steps(total_steps)
+    if mode == "full" or total_steps <= 0:
+        return whole
+    return math.ceil(whole * link_steps / total_steps)
+
+
+def restart_schedule(trainer, steps: int, warmup: int, continue_from=None) -> None:
+    """The trainer's learning-rate schedule again, over `steps` steps (one link) with `warmup`
+    warm-up steps; with `continue_from` (a resume) that scheduler's position and learning rates
+    are kept."""
     optimizer = _scheduler_optimizer(trainer)
     shallow = copy.copy(trainer)  # as transformers' DeepSpeed integration does
     shallow.lr_scheduler = None
+    shallow.args = copy.copy(trainer.args)
+    shallow.args.warmup_steps = warmup
     scheduler = shallow.create_scheduler(num_training_steps=steps, optimizer=optimizer)
     if continue_from is not None:
         scheduler.load_state_dict(continue_from.state_dict())
@@ -389,6 +405,7 @@ class ChainSchedule(TrainerCallback):
         self.fractions = link_fractions(m)
         self.ranks = link_ranks(m)
         self.restart_lr = bool(m.restart_lr)
+        self.link_warmup = str(m.link_warmup)
         self.ends: Optional[List[int]] = None
         self.link = 0
         self.records: List[dict] = []                    # one per merged link (+ the last at the end)
@@ -425,11 +442,16 @@ class ChainSchedule(TrainerCallback):
             raise ConfigError(f"resuming at step {state.global_step} (link {link}) but the chain state says link "
                               f"{self.link}: the checkpoint has no matching {STATE_JSON}")
         if self.restart_lr and self.links > 1:
-            steps = self.ends[link] - self.start_of(link)
             resumed = state.global_step > self.start_of(link)
-            restart_schedule(self.trainer, steps, _current_scheduler(self.trainer) if resumed else None)
+            self._restart_schedule(link, _current_scheduler(self.trainer) if resumed else None)
         self._info("Chain of LoRA: %d links (base %s) ending at steps %s, ranks %s, %s", self.links, self.base,
-                   self.ends, self.ranks, "lr restarts per link" if self.restart_lr else "one lr schedule")
+                   self.ends, self.ranks,
+                   f"lr restarts per link ({self.link_warmup} warm-up)" if self.restart_lr else "one lr schedule")
+
+    def _restart_schedule(self, link: int, continue_from=None) -> None:
+        steps = self.ends[link] - self.start_of(link)
+        warmup = link_warmup_steps(self.trainer.args, self.ends[-1], steps, self.link_warmup)
+        restart_schedule(self.trainer, steps, warmup, continue_from)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -445,7 +467,7 @@ class ChainSchedule(TrainerCallback):
         weights, factors = switch(trainer.model, self.ranks[nxt], self.seed + nxt)
         reset_optimizer(trainer, names_before)
         if self.restart_lr:
-            restart_schedule(trainer, self.ends[nxt] - self.ends[ended])
+            self._restart_schedule(nxt)
         self._record(ended, weights, factors)
         self.link = nxt
         self._switched_at = step
@@ -513,8 +535,8 @@ class ChainSchedule(TrainerCallback):
         write_json_atomic(directory / STATE_JSON, {
             "format": FORMAT, "link": self.link, "global_step": global_step,
             "step_in_link": global_step - self.start_of(self.link), "ends": self.ends, "ranks": self.ranks,
-            "fractions": self.fractions, "restart_lr": self.restart_lr, "base": self.base, "seed": self.seed,
-            "records": [r for r in self.records if r["merged"]],
+            "fractions": self.fractions, "restart_lr": self.restart_lr, "link_warmup": self.link_warmup,
+            "base": self.base, "seed": self.seed, "records": [r for r in self.records if r["merged"]],
         })
 
     def restore(self, checkpoint) -> None:
@@ -530,8 +552,9 @@ class ChainSchedule(TrainerCallback):
         saved = json.loads(path.read_text())
         if saved.get("format") != FORMAT:
             raise ConfigError(f"{path} has format {saved.get('format')!r}, expected {FORMAT!r}")
+        saved.setdefault("link_warmup", "full")  # written before link_warmup existed
         for key, mine in (("base", self.base), ("ranks", self.ranks), ("seed", self.seed),
-                          ("restart_lr", self.restart_lr)):
+                          ("restart_lr", self.restart_lr), ("link_warmup", self.link_warmup)):
             if saved[key] != mine:
                 raise ConfigError(f"cannot resume from {checkpoint}: its chain has {key}={saved[key]!r}, "
                                   f"this run has {mine!r}")
@@ -563,7 +586,7 @@ class ChainSchedule(TrainerCallback):
     # -- results -----------------------------------------------------------------------------
     def summary(self) -> dict:
         return {"base": self.base, "links": self.links, "fractions": self.fractions, "ranks": self.ranks,
-                "ends": self.ends, "restart_lr": self.restart_lr, "current_link": self.link,
+                "ends": self.ends, "restart_lr": self.restart_lr, "link_warmup": self.link_warmup, "current_link": self.link,
                 "resumed_from": self._restored_from, "records": self.records}
 
 

@@ -58,6 +58,7 @@ class MethodConfig:
     link_fractions: Optional[List[float]] = None
     rank_schedule: Optional[List[int]] = None
     restart_lr: bool = True
+    link_warmup: str = "scaled"                # scaled | full: each link's share of the warm-up, or all of it
 
 
 @dataclass

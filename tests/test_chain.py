@@ -48,6 +48,7 @@ EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".pytest_cache
     (["method.base=lorra"], r"method\.base='lorra' is not a method config; choose from: .*cola_heuristic.*lora"),
     (["trainer.max_steps=2"], r"method\.links=3 needs at least 3 training steps, but trainer\.max_steps=2 gives 2"),
     (["trainer.max_steps=4", "method.link_fractions=[0.1,0.1,0.8]"], r"leaves link 0 with no steps"),
+    (["method.link_warmup=linear"], r"method\.link_warmup='linear' is not one of scaled, full"),
 ])
 def test_bad_chain_config_is_one_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -326,6 +327,28 @@ def test_saved_adapter_is_the_original_base_plus_every_link(which, request):
     for name, expected in seen["all_links"].items():
         got = merged.get_submodule(name).weight.detach().double()
         torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["scaled", "full"])
+def test_each_link_warms_up_over_its_share_or_the_whole_warmup(mode, tmp_path, data_root):
+    """trainer.warmup_steps=4 over 8 steps in links of 3, 2 and 3 steps. scaled: warm-ups of
+    ceil(4*3/8) = 2, 1 and 2 steps, and every link reaches the peak lr; full: 4 warm-up steps in
+    every link, so no link reaches it (what a 100-sample study run saw with 20 warm-up steps)."""
+    from cola_train.run import run
+
+    out = tmp_path / "run"
+    res = run(compose(CHAIN + ["trainer.warmup_steps=4", f"method.link_warmup={mode}",
+                               "trainer.save_steps=100"]), out)
+    peak = 5e-3
+
+    def lr(t: int, n: int, w: int) -> float:  # linear warm-up, then cosine to 0 over the link
+        return peak * t / w if t < w else peak * 0.5 * (1 + math.cos(math.pi * (t - w) / (n - w)))
+
+    warmups = {"scaled": (2, 1, 2), "full": (4, 4, 4)}[mode]
+    expected = [lr(t, n, w) for n, w in zip((3, 2, 3), warmups) for t in range(n)]
+    assert [r["learning_rate"] for r in _rows(out) if "loss" in r] == pytest.approx(expected, abs=1e-12)
+    assert (max(expected) == peak) == (mode == "scaled")
+    assert res["chain"]["link_warmup"] == mode
 
 
 def test_one_link_is_plain_lora(tmp_path, data_root):
