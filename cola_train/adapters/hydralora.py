@@ -42,9 +42,7 @@ class HydraLoRALinear(AdapterLinear):
         self.lora_B.data.zero_()
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token head weights (at least float32, rows sum to one)."""
-        x = self._cast_input(x, self.router.weight.dtype)
-        return torch.softmax(self.router(x), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+        return self._router_probs(self.router, x)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged or self.impl == "loop" or args or kwargs:

@@ -73,6 +73,12 @@ class AdapterLinear(nn.Module):
             return x.to(dtype)
         return x
 
+    def _router_probs(self, router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """Per-token weights from a routing Linear (HydraLoRA's heads, MoLE's experts): a softmax in
+        at least float32, so the rows sum to one however the activations are stored."""
+        x = self._cast_input(x, router.weight.dtype)
+        return torch.softmax(router(x), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+
     @staticmethod
     def _to_compute(x: torch.Tensor, *weights: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """fp32 master weights under mixed precision (models.upcast_trainable) run in the

@@ -52,8 +52,7 @@ class MoLELinear(AdapterLinear):
         self.gate.weight.data.zero_()
 
     def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._cast_input(x, self.gate.weight.dtype)
-        return torch.softmax(self.gate(x), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+        return self._router_probs(self.gate, x)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged or self.impl == "loop" or args or kwargs:
