@@ -37,3 +37,13 @@ def write_json_atomic(path: str | Path, payload) -> Path:
 def append_jsonl(path: str | Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(_clean(row), default=str) + "\n")
+
+
+def completed_results(out: str | Path) -> dict | None:
+    """The run's results.json if it says the run completed, else None (absent, unreadable,
+    preempted, failed): what a re-run with trainer.resume=true may leave as it is."""
+    try:
+        results = json.loads((Path(out) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("status") == "completed" else None

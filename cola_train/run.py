@@ -15,7 +15,7 @@ from .config import validate
 from .energy import EnergyMeter
 from .data import load_domain_records, split_train_val, tokenize_records
 from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
-from .results import write_json_atomic
+from .results import completed_results, write_json_atomic
 
 log = logging.getLogger("cola_train")
 
@@ -103,6 +103,11 @@ def run(cfg, out: Path) -> dict:
                           ResampleCallback, StopOnNonFiniteLoss)
 
     validate(cfg)
+    done = completed_results(out) if cfg.trainer.resume else None
+    if done is not None:  # a re-run sweep (study.py, a requeued array) skips its finished jobs
+        log.info("%s: already completed in %s; trainer.resume=true leaves it as it is", run_name(cfg), out)
+        print(summary_line(done, out), flush=True)
+        return done
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     tokenizer, model = build_model(cfg)

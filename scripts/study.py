@@ -9,7 +9,9 @@ shard is a finished table cell. Shards run --parallel at a time, largest sample 
 135M model leaves an H100 mostly idle, so several processes share it). Every job lands under
 <sweep-dir>/<domain>/<method>_n<size>/. After --deadline seconds no new shard starts: the device
 tool limits a call's length, and the study is spread over several calls. A shard whose jobs all
-completed is skipped, so running the same command again goes on where the last call stopped.
+completed is skipped, so running the same command again goes on where the last call stopped; in a
+shard started again, the completed jobs are skipped and a preempted one resumes from its
+checkpoint (every job runs with trainer.resume=true).
 A comma list after -- is swept inside every cell (the learning-rate check:
 `-- trainer.lr=5e-5,2e-4,1e-3`); the report then shows one row per value.
 `python -m cola_train.report <sweep-dir>/<domain>` (run at the end for each domain) builds the
@@ -33,8 +35,10 @@ def shard_dir(args, domain: str, method: str, size: int) -> Path:
 
 
 def shard_command(args, domain: str, method: str, size: int, extra: list[str]) -> list[str]:
+    # trainer.resume: a shard started again skips its completed jobs and resumes a preempted one
+    # from its checkpoint, in the same job dirs (resume is not part of a job dir's name)
     return [sys.executable, "-m", "cola_train", "-m", f"method={method}", f"data={domain}",
-            f"seed={args.seeds}", f"data.max_samples={size}",
+            f"seed={args.seeds}", f"data.max_samples={size}", "trainer.resume=true",
             f"hydra.sweep.dir={shard_dir(args, domain, method, size)}", *extra]
 
 

@@ -58,6 +58,23 @@ def test_resume_continues_and_matches_uninterrupted(data_root, tmp_path):
     assert resumed["eval"]["loss"] == pytest.approx(full["eval"]["loss"], rel=1e-5, abs=1e-6)
 
 
+def test_resume_of_a_completed_run_leaves_it_as_it_is(data_root, tmp_path, caplog):
+    """trainer.resume=true on a finished job dir (a sweep started again) neither retrains nor
+    rewrites it; a preempted one in the same sweep would resume (the test above)."""
+    first = _run(["method=lora", "trainer.max_steps=3", "trainer.save_steps=100"], tmp_path)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "results.json", tmp_path / "metrics.jsonl")}
+    with caplog.at_level("INFO", logger="cola_train"):
+        again = _run(["method=lora", "trainer.max_steps=3", "trainer.save_steps=100", "trainer.resume=true"], tmp_path)
+    assert "already completed" in caplog.text
+    assert again["train"] == first["train"] and again["eval"] == first["eval"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "results.json", tmp_path / "metrics.jsonl")} == files
+    doc = json.loads((tmp_path / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps({**doc, "status": "preempted"}))
+    redone = _run(["method=lora", "trainer.max_steps=3", "trainer.save_steps=100", "trainer.resume=true"], tmp_path)
+    assert redone["status"] == "completed" and redone["train"]["steps"] == 3
+    assert (tmp_path / "metrics.jsonl").read_bytes() != files["metrics.jsonl"]   # it trained again
+
+
 def test_wandb_offline_writes_a_run_with_metrics(data_root, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_DISABLED", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

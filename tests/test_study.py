@@ -1,5 +1,6 @@
 """scripts/study.py: one cell per (domain, method, size) over the seeds, a deadline after which no
-cell starts, and a second call that skips the cells already complete."""
+cell starts, and a second call that skips the cells already complete and, inside a cell started
+again, the jobs already complete."""
 from __future__ import annotations
 
 import importlib.util
@@ -43,6 +44,15 @@ def test_study_runs_cells_then_resumes_and_respects_the_deadline(tmp_path, data_
     assert "math lora n=16: not started (deadline)" in out
     assert not (tmp_path / "math" / "lora_n16").exists()
     assert max(p.stat().st_mtime for p in cell.glob("*/results.json")) == stamp
+
+    # a cell cut short: seed 2 preempted. Started again, the cell trains seed 2 only.
+    done, cut = sorted(cell.glob("*/results.json"), key=lambda p: json.loads(p.read_text())["config"]["seed"])
+    cut.write_text(json.dumps({**json.loads(cut.read_text()), "status": "preempted"}))
+    kept = done.read_bytes(), done.stat().st_mtime
+    assert study.main([*args, "--sizes", "8", "--", *EXTRA]) == 0
+    assert "(2/2 jobs completed)" in capsys.readouterr().out
+    assert (done.read_bytes(), done.stat().st_mtime) == kept
+    assert json.loads(cut.read_text())["status"] == "completed"
 
 
 def test_jobs_per_cell_counts_swept_overrides():
