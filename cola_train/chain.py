@@ -586,8 +586,8 @@ class ChainSchedule(TrainerCallback):
     # -- results -----------------------------------------------------------------------------
     def summary(self) -> dict:
         return {"base": self.base, "links": self.links, "fractions": self.fractions, "ranks": self.ranks,
-                "ends": self.ends, "restart_lr": self.restart_lr, "link_warmup": self.link_warmup, "current_link": self.link,
-                "resumed_from": self._restored_from, "records": self.records}
+                "ends": self.ends, "restart_lr": self.restart_lr, "link_warmup": self.link_warmup,
+                "current_link": self.link, "resumed_from": self._restored_from, "records": self.records}
 
 
 def attach(cfg, trainer) -> Optional[ChainSchedule]:

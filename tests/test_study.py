@@ -45,7 +45,7 @@ def test_study_runs_cells_then_resumes_and_respects_the_deadline(tmp_path, data_
     assert not (tmp_path / "math" / "lora_n16").exists()
     assert max(p.stat().st_mtime for p in cell.glob("*/results.json")) == stamp
 
-    # a cell cut short: seed 2 preempted. Started again, the cell trains seed 2 only.
+    # a cell cut short: seed 2 preempted. Started again, the cell runs seed 2 only (resumed).
     done, cut = sorted(cell.glob("*/results.json"), key=lambda p: json.loads(p.read_text())["config"]["seed"])
     cut.write_text(json.dumps({**json.loads(cut.read_text()), "status": "preempted"}))
     kept = done.read_bytes(), done.stat().st_mtime
