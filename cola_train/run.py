@@ -2,6 +2,7 @@
 evaluate → results.json. Every step is a plain function call; read it top to bottom."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -104,7 +105,8 @@ def run(cfg, out: Path) -> dict:
 
     validate(cfg)
     done = completed_results(out) if cfg.trainer.resume else None
-    if done is not None:  # a re-run sweep (study.py, a requeued array) skips its finished jobs
+    if done is not None and _same_config(done["config"], cfg):
+        # a sweep started again (study.py, a requeued array) skips the jobs it has finished
         log.info("%s: already completed in %s; trainer.resume=true leaves it as it is", run_name(cfg), out)
         print(summary_line(done, out), flush=True)
         return done
@@ -209,6 +211,15 @@ def summary_line(results: dict, out: Path) -> str:
 def run_name_from(results: dict) -> str:
     c = results["config"]
     return f"{c['method']['name']} on {c['data']['domain']} ({c['model']['name']}, {results['n_train_samples']} samples, seed {c['seed']})"
+
+
+def _same_config(saved: dict, cfg) -> bool:
+    """Whether a finished run's config (results.json) is this one, apart from trainer.resume."""
+    now = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    saved = json.loads(json.dumps(saved))
+    for c in (now, saved):
+        c.get("trainer", {}).pop("resume", None)
+    return now == saved
 
 
 def _last_checkpoint(out: Path) -> str | None:
