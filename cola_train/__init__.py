@@ -1,2 +1,5 @@
 """cola_train: CoLA, Chain of LoRA and their baselines, one Hydra command per run."""
+from . import dirnames
+
 __version__ = "0.1.0"
+dirnames.register()

@@ -12,6 +12,11 @@ tool limits a call's length, and the study is spread over several calls. A shard
 completed is skipped, so running the same command again goes on where the last call stopped; in a
 shard started again, the completed jobs are skipped and a preempted one resumes from its
 checkpoint (every job runs with trainer.resume=true).
+Stopping: SIGTERM to this script (e.g. `timeout 500 python scripts/study.py ...`), Ctrl-C, or
+--stop-after seconds send SIGTERM to every running job. Each one saves a checkpoint at the end of
+its step, writes results.json with status `preempted` and exits (cola_train's local stop
+handling); this script waits for them (SIGKILL after --grace seconds), so whatever packs the
+results afterwards sees them, and the same command resumes them.
 A comma list after -- is swept inside every cell (the learning-rate check:
 `-- trainer.lr=5e-5,2e-4,1e-3`); the report then shows one row per value.
 `python -m cola_train.report <sweep-dir>/<domain>` (run at the end for each domain) builds the
@@ -23,11 +28,18 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+# the shards running now (one process group each) and whether the study is stopping
+_RUNNING: dict[int, subprocess.Popen] = {}
+_LOCK = threading.Lock()
+_STOPPING = threading.Event()
 
 
 def shard_dir(args, domain: str, method: str, size: int) -> Path:
@@ -62,6 +74,35 @@ def completed(path: Path) -> int:
     return done
 
 
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the job and any ranks it started
+    except ProcessLookupError:
+        pass
+
+
+def stop_running(grace: float = 120.0) -> None:
+    """Start no more shards; SIGTERM the running ones and wait until they have exited, which
+    for a training job means: checkpoint saved, results.json says preempted. SIGKILL after
+    `grace` seconds."""
+    with _LOCK:
+        _STOPPING.set()
+        procs = list(_RUNNING.values())
+    for proc in procs:
+        _signal(proc, signal.SIGTERM)
+    end = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+            _signal(proc, signal.SIGKILL)
+    print(f"stopped {len(procs)} running shard(s); the same command resumes them", flush=True)
+
+
+def _stop_in_background(grace: float) -> None:
+    threading.Thread(target=stop_running, args=(grace,), daemon=True).start()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domains", required=True, help="comma-separated data configs")
@@ -70,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--parallel", type=int, default=7)
     ap.add_argument("--deadline", type=float, default=None, help="seconds after which no new shard starts")
+    ap.add_argument("--stop-after", type=float, default=None,
+                    help="seconds after which the running jobs are stopped (checkpointed, resumable)")
+    ap.add_argument("--grace", type=float, default=120.0, help="seconds a stopped job gets to save before SIGKILL")
     ap.add_argument("--sweep-dir", type=Path, required=True)
     ap.add_argument("extra", nargs="*", help="overrides for every job (after --)")
     args = ap.parse_args(argv)
@@ -91,15 +135,39 @@ def main(argv=None) -> int:
         path = shard_dir(args, domain, method, size)
         path.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        with open(path.with_suffix(".log"), "w") as f:
-            rc = subprocess.call(shard_command(args, domain, method, size, args.extra), stdout=f,
-                                 stderr=subprocess.STDOUT, env=env)
+        with open(path.with_suffix(".log"), "a") as f, _LOCK:
+            if _STOPPING.is_set():
+                print(f"{domain} {method} n={size}: not started (stopped)", flush=True)
+                return 0
+            proc = subprocess.Popen(shard_command(args, domain, method, size, args.extra), stdout=f,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            _RUNNING[proc.pid] = proc
+        rc = proc.wait()
+        with _LOCK:
+            _RUNNING.pop(proc.pid, None)
         print(f"{domain} {method} n={size}: exit {rc} in {time.time() - t0:.0f}s "
               f"({completed(path)}/{n_jobs} jobs completed)", flush=True)
         return rc
 
-    with ThreadPoolExecutor(args.parallel) as pool:
+    _STOPPING.clear()
+    on_main = threading.current_thread() is threading.main_thread()  # where signals can be caught
+    previous = signal.signal(signal.SIGTERM, lambda *_: _stop_in_background(args.grace)) if on_main else None
+    timer = threading.Timer(args.stop_after, stop_running, (args.grace,)) if args.stop_after is not None else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    pool = ThreadPoolExecutor(args.parallel)
+    try:
         codes = list(pool.map(launch, shards))
+    except KeyboardInterrupt:  # the jobs run in their own sessions: Ctrl-C reaches only this script
+        stop_running(args.grace)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if timer:
+            timer.cancel()
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
     from cola_train.report import write_report
 
     for domain in args.domains.split(","):

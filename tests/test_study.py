@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,37 @@ def test_study_runs_cells_then_resumes_and_respects_the_deadline(tmp_path, data_
     assert "(2/2 jobs completed)" in capsys.readouterr().out
     assert (done.read_bytes(), done.stat().st_mtime) == kept
     assert json.loads(cut.read_text())["status"] == "completed"
+
+
+def test_a_stopped_study_leaves_its_jobs_preempted_and_the_same_command_resumes(tmp_path, data_root,
+                                                                                  monkeypatch, capsys):
+    """What `timeout`, Ctrl-C or --stop-after do: the running job checkpoints and says so in
+    results.json before the study returns; the same command then finishes the cell."""
+    study = _study()
+    extra = [o for o in EXTRA if not o.startswith("trainer.max_steps=")] + ["trainer.max_steps=40"]
+    args = ["--domains", "math", "--methods", "lora", "--seeds", "1,2", "--parallel", "1", "--sizes", "8",
+            "--sweep-dir", str(tmp_path), "--", *extra]
+    monkeypatch.setenv("COLA_TRAIN_DEBUG_STEP_SLEEP_S", "0.3")  # slow steps: the stop lands mid-run
+    codes = []
+    runner = threading.Thread(target=lambda: codes.append(study.main(args)))
+    runner.start()
+    cell = tmp_path / "math" / "lora_n8"
+    deadline = time.time() + 300
+    while not any(len(m.read_text().splitlines()) >= 2 for m in cell.glob("*/metrics.jsonl")):
+        assert runner.is_alive() and time.time() < deadline, "the job ended before the stop"
+        time.sleep(0.05)
+    study.stop_running(grace=120)
+    runner.join(timeout=300)
+    assert codes == [1] and "stopped 1 running shard(s)" in capsys.readouterr().out
+    (stopped,) = [json.loads(p.read_text()) for p in cell.glob("*/results.json")]   # seed 2 never started
+    assert stopped["status"] == "preempted" and stopped["config"]["seed"] == 1
+    assert 2 <= stopped["train"]["steps"] < 40
+
+    monkeypatch.delenv("COLA_TRAIN_DEBUG_STEP_SLEEP_S")
+    assert study.main(args) == 0
+    done = {r["config"]["seed"]: r for r in (json.loads(p.read_text()) for p in cell.glob("*/results.json"))}
+    assert {s: r["status"] for s, r in done.items()} == {1: "completed", 2: "completed"}
+    assert done[1]["train"]["resumed"] is True and done[1]["train"]["steps"] == 40
 
 
 def test_jobs_per_cell_counts_swept_overrides():

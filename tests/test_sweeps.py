@@ -3,6 +3,7 @@ sweep dir; a failing job is recorded as failed and the sweep goes on."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,37 @@ def test_local_submitit_launcher_sweep(tmp_path, data_root):
     summary = _summary(sweep)
     assert summary["counts"] == {"completed": 2}
     assert [j["num"] for j in summary["jobs"]] == [0, 1]
+
+
+def test_job_dirname_keeps_short_names_and_cuts_long_ones_uniquely():
+    from cola_train.dirnames import LIMIT, job_dirname
+
+    short = "method=lora,seed=1"
+    assert job_dirname(short) == short                      # existing sweep dirs keep their names
+    long_a, long_b = "x" * 300 + ",seed=1", "x" * 300 + ",seed=2"
+    cut_a, cut_b = job_dirname(long_a), job_dirname(long_b)
+    assert len(cut_a.encode()) == LIMIT and cut_a.startswith("x" * 150)
+    assert cut_a != cut_b and job_dirname(long_a) == cut_a   # one dir per job, the same every time
+    assert len(job_dirname("é" * 300).encode()) <= LIMIT      # bytes, not characters, hit the limit
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_a_sweep_with_many_overrides_gets_dirs_the_file_system_takes(tmp_path, data_root):
+    """Over 255 bytes of overrides used to kill every job with 'File name too long'; here through
+    submitit's local executor, whose worker process resolves the job dir itself."""
+    sweep = tmp_path / "sweep"
+    many = ["trainer.eval_batch_size=4", "trainer.save_steps=400", "trainer.save_total_limit=1",
+            "trainer.max_grad_norm=1.0", "method.dropout=0.0", "data.template=plain"]
+    proc = run_cli(["-m", *SMALL, *many, "hydra/launcher=local", "method=lora", "seed=1,2",
+                    f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = _job_dirs(sweep)
+    assert len(dirs) == 2
+    for d in dirs:  # cut to a prefix and a hash of the full name
+        assert len(d.name.encode()) <= 210 and re.fullmatch(r"[01]_.*,seed=\d+.*_[0-9a-f]{10}", d.name), d.name
+    for d in dirs:
+        assert json.loads((d / "results.json").read_text())["status"] == "completed"
 
 
 def test_summary_lists_jobs_that_never_started_or_died(tmp_path):
