@@ -10,8 +10,9 @@ A step is forward + backward + AdamW step on the trainable parameters. Every var
 the same frozen base (adapters are attached, timed, then the original modules are put back), so
 the ratios within one run compare like with like. Adapters use the lora init (zero B): the SVD
 of a PiSSA init changes values, not cost. Every variant is measured --rounds times, interleaved,
-and its fastest median is kept: a shared GPU drifts between runs, the code does not. Prints a
-table last and writes JSON (--out).
+and its fastest median is kept: a shared GPU drifts between runs, the code does not. The table's
+last column, the spread between the rounds (slowest / fastest - 1), says which figures that drift
+touched. Prints a table last and writes JSON (--out).
 """
 from __future__ import annotations
 
@@ -260,31 +261,38 @@ def main(argv=None):
     chosen = [(name, variant) for name, variant in VARIANTS.items()
               if not (args.only and not any(s.lower() in name.lower() for s in args.only))
               and not (variant == "fft" and args.skip_fft)]
-    best = {}
+    best, rounds = {}, {}
     for rnd in range(args.rounds):
         for name, variant in chosen:
             if variant == "fft" and rnd > 0:      # one FFT round: it is not near the others
                 continue
             row = measure(base, name, variant, targets, batch, device, args, n_params, peak)
             print(json.dumps({"round": rnd, **row}), flush=True)
+            if "step_ms" in row:
+                rounds.setdefault(name, []).append(row["step_ms"])
             if name not in best or best[name].get("step_ms", float("inf")) > row.get("step_ms", float("inf")):
                 best[name] = row
     rows = [best[name] for name, _ in chosen]
+    for name, row in best.items():  # how far apart the rounds are: a wide spread flags a noisy figure
+        ms = rounds.get(name, [])
+        row["round_ms"] = ms
+        row["spread"] = max(ms) / min(ms) - 1 if len(ms) > 1 else None
     for name, variant in chosen:
         if any(s.lower() in name.lower() for s in args.profile):
             profile(base, name, variant, targets, batch, device, args.optimizer)
 
     floor = next((r for r in rows if r["variant"].startswith("frozen") and "step_ms" in r), None)
-    print(f"\n| variant | step ms | tokens/s | x floor | peak GiB | MFU | trainable |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| variant | step ms | tokens/s | x floor | peak GiB | MFU | trainable | rounds spread |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['variant']} | {r['error']} | | | | | |")
+            print(f"| {r['variant']} | {r['error']} | | | | | | |")
             continue
         x = r["step_ms"] / floor["step_ms"] if floor else float("nan")
         r["x_floor"] = x
+        spread = "—" if r["spread"] is None else f"{r['spread']:.1%}"
         print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {x:.3f} | "
-              f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} |")
+              f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} | {spread} |")
     args.out.write_text(json.dumps({"shape": shape, "device": gpu, "batch": [args.batch, args.seq],
                                     "peak_tflops": peak, "params": n_params, "rows": rows}, indent=2))
     return rows

@@ -22,3 +22,6 @@ def test_bench_small_runs_every_variant(tmp_path, capsys):
     assert trainable["CoLA fully fused"] == trainable["CoLA fully per-pair loop"]
     assert json.loads(out.read_text())["rows"][0]["variant"] == "frozen base (floor)"
     assert "| variant | step ms |" in capsys.readouterr().out
+    for r in rows:  # best of the rounds, and how far apart they were
+        assert r["step_ms"] == min(r["round_ms"])
+        assert r["spread"] == (max(r["round_ms"]) / min(r["round_ms"]) - 1 if len(r["round_ms"]) > 1 else None)
