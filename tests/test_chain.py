@@ -351,6 +351,16 @@ def test_each_link_warms_up_over_its_share_or_the_whole_warmup(mode, tmp_path, d
     assert res["chain"]["link_warmup"] == mode
 
 
+@pytest.mark.parametrize("dtype,warned", [("bf16", True), ("fp32", False)])
+def test_a_half_precision_base_is_named_as_losing_merged_updates(dtype, warned, tmp_path, data_root, caplog):
+    from cola_train.run import run
+
+    with caplog.at_level("WARNING", logger="cola_train"):
+        run(compose(CHAIN + [f"model.dtype={dtype}", "trainer.max_steps=3", "trainer.save_steps=100"]),
+            tmp_path / "run")
+    assert ("merges every link into bfloat16 base weights" in caplog.text) == warned
+
+
 def test_one_link_is_plain_lora(tmp_path, data_root):
     from cola_train.run import run
 
