@@ -3,7 +3,7 @@
 A multirun job's dir is named after its overrides (`hydra.job.override_dirname`). With enough of
 them the name passes the 255-byte limit of a file name, and the job dies in Hydra with "File name
 too long" before it starts. The `job_dirname` resolver (conf/config.yaml, hydra.sweep.subdir)
-keeps names up to LIMIT characters as they are, so existing sweep dirs resume in the same place,
+keeps names up to LIMIT bytes as they are, so existing sweep dirs resume in the same place,
 and cuts longer ones to a prefix plus a hash of the whole name, still one dir per job.
 """
 from __future__ import annotations

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -35,6 +34,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from cola_train.results import completed_results
 
 # the shards running now (one process group each) and whether the study is stopping
 _RUNNING: dict[int, subprocess.Popen] = {}
@@ -65,13 +66,8 @@ def jobs_per_cell(seeds: str, extra: list[str]) -> int:
 
 
 def completed(path: Path) -> int:
-    done = 0
-    for results in path.glob("*/results.json"):
-        try:
-            done += json.loads(results.read_text()).get("status") == "completed"
-        except (OSError, ValueError):
-            pass
-    return done
+    jobs = [job for job in path.iterdir() if job.is_dir()] if path.is_dir() else []
+    return sum(completed_results(job) is not None for job in jobs)
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
