@@ -4,9 +4,12 @@ One run, one Trainer, the same data order and the same total number of optimizer
 plain LoRA run; only what is trained when changes. The steps are split into `links`; at the end
 of each link but the last:
 
-    1. merge:   W <- W + dW_link in every adapted layer, for good (adapters.merge_adapter +
-                the commit that adapters.reinit_adapter records, so save/export stay relative
-                to the original base);
+    1. merge:   W <- W + dW_link in every adapted layer, for good. `merge=factors` (default):
+                adapters.commit_adapter keeps the link as frozen low-rank factors beside the
+                base weight (adapters/committed.py), exact in any dtype; `merge=weights`: added
+                into W (adapters.merge_adapter + reinit_adapter's commit), which in bf16 rounds
+                most of a small update away. Either way it is recorded, so save/export stay
+                relative to the original base;
     2. re-init: a fresh module (Kaiming A, zero B: the model's output does not change), at the
                 link's rank from `rank_schedule`, drawn from a generator seeded by seed + link;
     3. reset:   the optimizer keeps no state from the previous link; with `restart_lr` the
@@ -63,6 +66,7 @@ FORMAT = "cola_train.chain/1"
 FROM_CHAIN = ("r", "alpha", "dropout", "target_modules")   # the per-link LoRA settings
 MERGEABLE = "lora, pissa, cola_fully, cola_random, cola_heuristic"
 LINK_WARMUPS = ("scaled", "full")
+MERGES = ("factors", "weights")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +182,8 @@ def check_config(cfg) -> None:
         validate_adapter(base)
     except AdapterError as err:
         raise ConfigError(f"method.base={m.base!r}: {err}") from None
+    if m.merge not in MERGES:
+        raise ConfigError(f"method.merge={m.merge!r} is not one of {', '.join(MERGES)}")
     if m.link_warmup not in LINK_WARMUPS:
         raise ConfigError(f"method.link_warmup={m.link_warmup!r} is not one of {', '.join(LINK_WARMUPS)}")
     if links > 1 and m.restart_lr and distributed.deepspeed_enabled(cfg) \
@@ -279,10 +285,11 @@ def current_factors(model) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         return {name: _factors(layer, is_peft) for name, layer, is_peft in _layers(model)}
 
 
-def switch(model, next_rank: int, seed: int):
-    """End a link: record its factors and weights, merge it into the base for good, start a
-    fresh module at `next_rank` from a generator seeded by `seed`. The model's output is
-    unchanged. Returns ({param name: CPU copy}, {layer: (A, B)}) of the link that ended."""
+def switch(model, next_rank: int, seed: int, merge: str = "factors"):
+    """End a link: record its factors and weights, merge it for good (`merge`: factors, beside
+    the base weight; weights, into it), start a fresh module at `next_rank` from a generator
+    seeded by `seed`. The model's output is unchanged. Returns ({param name: CPU copy},
+    {layer: (A, B)}) of the link that ended."""
     model = unwrap(model)
     trainable = _trainable(model)
     fp32_masters = any(p.dtype == torch.float32 for p in trainable.values())
@@ -290,7 +297,10 @@ def switch(model, next_rank: int, seed: int):
         weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
         layers = _layers(model)
         factors = {name: _factors(layer, is_peft) for name, layer, is_peft in layers}
-        _merge(model, layers)
+        if merge == "weights":
+            _merge(model, layers)
+        else:
+            adapters.commit_adapter(model)
         with seeded(seed):
             adapters.reinit_adapter(model, rank=next_rank)
     if fp32_masters:  # a new rank builds new tensors in the base's dtype: keep fp32 master weights
@@ -415,6 +425,7 @@ class ChainSchedule(TrainerCallback):
         self.ranks = link_ranks(m)
         self.restart_lr = bool(m.restart_lr)
         self.link_warmup = str(m.link_warmup)
+        self.merge = str(m.merge)
         self.ends: Optional[List[int]] = None
         self.link = 0
         self.records: List[dict] = []                    # one per merged link (+ the last at the end)
@@ -453,12 +464,12 @@ class ChainSchedule(TrainerCallback):
         if self.restart_lr and self.links > 1:
             resumed = state.global_step > self.start_of(link)
             self._restart_schedule(link, _current_scheduler(self.trainer) if resumed else None)
-        half = half_precision_base(self.trainer.model) if self.links > 1 else None
+        half = half_precision_base(self.trainer.model) if self.links > 1 and self.merge == "weights" else None
         if half is not None and self.trainer.is_world_process_zero():
             # measured on SmolLM2-135M at lr 5e-5: about 7 % of a link's update survives the merge
             log.warning("Chain of LoRA merges every link into %s base weights: an update smaller than a "
                         "weight's rounding step is lost in the merge (docs/RESULTS.md, Chain of LoRA); "
-                        "model.dtype=fp32 merges exactly", str(half).replace("torch.", ""))
+                        "method.merge=factors merges exactly", str(half).replace("torch.", ""))
         self._info("Chain of LoRA: %d links (base %s) ending at steps %s, ranks %s, %s", self.links, self.base,
                    self.ends, self.ranks,
                    f"lr restarts per link ({self.link_warmup} warm-up)" if self.restart_lr else "one lr schedule")
@@ -479,7 +490,7 @@ class ChainSchedule(TrainerCallback):
     def _switch_now(self, step: int) -> None:
         trainer, ended, nxt = self.trainer, self.link, self.link + 1
         names_before = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
-        weights, factors = switch(trainer.model, self.ranks[nxt], self.seed + nxt)
+        weights, factors = switch(trainer.model, self.ranks[nxt], self.seed + nxt, self.merge)
         reset_optimizer(trainer, names_before)
         if self.restart_lr:
             self._restart_schedule(nxt)
@@ -551,7 +562,7 @@ class ChainSchedule(TrainerCallback):
             "format": FORMAT, "link": self.link, "global_step": global_step,
             "step_in_link": global_step - self.start_of(self.link), "ends": self.ends, "ranks": self.ranks,
             "fractions": self.fractions, "restart_lr": self.restart_lr, "link_warmup": self.link_warmup,
-            "base": self.base, "seed": self.seed, "records": [r for r in self.records if r["merged"]],
+            "merge": self.merge, "base": self.base, "seed": self.seed, "records": [r for r in self.records if r["merged"]],
         })
 
     def restore(self, checkpoint) -> None:
@@ -568,8 +579,10 @@ class ChainSchedule(TrainerCallback):
         if saved.get("format") != FORMAT:
             raise ConfigError(f"{path} has format {saved.get('format')!r}, expected {FORMAT!r}")
         saved.setdefault("link_warmup", "full")  # written before link_warmup existed
+        saved.setdefault("merge", "weights")     # ... and before merge did
         for key, mine in (("base", self.base), ("ranks", self.ranks), ("seed", self.seed),
-                          ("restart_lr", self.restart_lr), ("link_warmup", self.link_warmup)):
+                          ("restart_lr", self.restart_lr), ("link_warmup", self.link_warmup),
+                          ("merge", self.merge)):
             if saved[key] != mine:
                 raise ConfigError(f"cannot resume from {checkpoint}: its chain has {key}={saved[key]!r}, "
                                   f"this run has {mine!r}")
@@ -589,7 +602,7 @@ class ChainSchedule(TrainerCallback):
             with torch.no_grad():
                 for name, p in params.items():
                     p.data.copy_(weights[name].to(p.device, p.dtype))
-            weights, factors = switch(model, self.ranks[i + 1], self.seed + i + 1)
+            weights, factors = switch(model, self.ranks[i + 1], self.seed + i + 1, self.merge)
             self.merged_factors.append(factors)
             self.merged_weights.append(weights)
         self.records = [dict(r) for r in saved["records"]]
@@ -602,7 +615,7 @@ class ChainSchedule(TrainerCallback):
     def summary(self) -> dict:
         return {"base": self.base, "links": self.links, "fractions": self.fractions, "ranks": self.ranks,
                 "ends": self.ends, "restart_lr": self.restart_lr, "link_warmup": self.link_warmup,
-                "current_link": self.link, "resumed_from": self._restored_from, "records": self.records}
+                "merge": self.merge, "current_link": self.link, "resumed_from": self._restored_from, "records": self.records}
 
 
 def attach(cfg, trainer) -> Optional[ChainSchedule]:

@@ -59,6 +59,7 @@ class MethodConfig:
     rank_schedule: Optional[List[int]] = None
     restart_lr: bool = True
     link_warmup: str = "scaled"                # scaled | full: each link's share of the warm-up, or all of it
+    merge: str = "factors"                     # factors (exact, beside the weights) | weights (W += BA, rounds)
 
 
 @dataclass

@@ -3,11 +3,11 @@
     model = attach_adapter(model, cfg.method, default_targets)   # freeze base, wrap targets
     ... train: resample(model, step, seed) each optimizer step; loss += aux_loss(model) ...
     save_adapter(model, dir); model = load_adapter(fresh_base, dir)
-    merge_adapter / unmerge_adapter / merged_model / export_peft / reinit_adapter
+    merge_adapter / unmerge_adapter / merged_model / export_peft / commit_adapter / reinit_adapter
 
 kind -> implementation: none (full fine-tuning: nothing attached, all trainable), peft (LoRA, DoRA,
 PiSSA via HF PEFT), cola (CoLALinear: fully / random / heuristic), hydralora (HydraLoRALinear),
-mole (MoLELinear). `chain` is a schedule around one of these (see merge_adapter/reinit_adapter).
+mole (MoLELinear). `chain` is a schedule around one of these (see commit_adapter/reinit_adapter).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import gated_mlp, peft_methods
+from . import committed, gated_mlp, peft_methods
 from .cola_layer import CoLALinear, resample
 from .hydralora import HydraLoRALinear
 from .io import (adapter_info, export_peft, load_adapter, our_layers, require_info, save_adapter, set_info,
@@ -29,7 +29,7 @@ LAYERS = {"cola": CoLALinear, "hydralora": HydraLoRALinear, "mole": MoLELinear}
 
 __all__ = [
     "AdapterError", "attach_adapter", "save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter",
-    "merged_model", "export_peft", "reinit_adapter", "trainable_parameters", "aux_loss", "resample",
+    "merged_model", "export_peft", "commit_adapter", "reinit_adapter", "trainable_parameters", "aux_loss", "resample",
     "CoLALinear", "HydraLoRALinear", "MoLELinear", "adapter_info",
 ]
 
@@ -121,6 +121,7 @@ def merged_model(model: nn.Module) -> nn.Module:
     PEFT's merge_and_unload); `save_pretrained` on it writes an ordinary checkpoint."""
     model = unwrap(model)
     kind = require_info(model)["method"].kind
+    committed.fold_all(model)  # merged Chain-of-LoRA links kept beside the weights
     if kind == "none":
         set_info(model, None)
         return model
@@ -135,6 +136,22 @@ def merged_model(model: nn.Module) -> nn.Module:
     gated_mlp.uninstall(model)
     set_info(model, None)
     return model
+
+
+def commit_adapter(model: nn.Module) -> None:
+    """Next Chain-of-LoRA link, exactly: the live update joins a frozen low-rank path beside each
+    base weight for good (committed.py), then reinit_adapter starts afresh. Unlike merge_adapter +
+    reinit_adapter nothing is rounded to the weights' dtype (bf16 drops most of a small update)."""
+    model = unwrap(model)
+    info = require_info(model)
+    kind = info["method"].kind
+    if kind == "none":
+        raise AdapterError("full fine-tuning (kind none) has no adapter to commit")
+    if kind == "peft":
+        peft_methods.commit_factors(model, info["peft"])
+    else:
+        for layer in _mergeable_layers(model, kind).values():
+            layer.commit_factors()
 
 
 def reinit_adapter(model: nn.Module, rank: Optional[int] = None) -> None:

@@ -34,6 +34,8 @@ def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor)
     w = getattr(base, "weight", None)
     if type(base) is not nn.Linear or w is None or w.requires_grad or hasattr(w, "ds_id"):
         return False
+    if base._forward_hooks:  # e.g. merged Chain-of-LoRA links (committed.py): the module call adds them
+        return False
     if base.bias is not None and base.bias.requires_grad:
         return False
     if not (x.dtype == w.dtype == A.dtype == B.dtype) or x.device != w.device:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import peft_methods
-from .layer import AdapterLinear
+from .layer import COMMITTED_A, COMMITTED_B, OPTIONAL_STATE, AdapterLinear
 from .spec import AdapterError, config_dict, method_config, validate
 
 META = "cola_adapter.json"
@@ -198,7 +198,7 @@ def _check_tensors(layers, tensors, cfg, directory) -> Dict[str, Dict[str, torch
                                f"of this model")
         per_layer[name][local] = value
     for name, layer in layers.items():
-        expected = {k: tuple(v.shape) for k, v in layer.adapter_state().items() if k not in ("A0", "B0")}
+        expected = {k: tuple(v.shape) for k, v in layer.adapter_state().items() if k not in OPTIONAL_STATE}
         got = per_layer[name]
         for key, shape in expected.items():
             if key not in got:
@@ -207,18 +207,23 @@ def _check_tensors(layers, tensors, cfg, directory) -> Dict[str, Dict[str, torch
             if tuple(got[key].shape) != shape:
                 raise AdapterError(f"adapter weight '{name}.{key}' has shape {tuple(got[key].shape)} but "
                                    f"method {_describe(cfg)} expects {shape}")
-        extra = set(got) - set(expected) - {"A0", "B0"}
+        extra = set(got) - set(expected) - set(OPTIONAL_STATE)
         if extra:
             raise AdapterError(f"adapter weight '{name}.{sorted(extra)[0]}' is not part of method {_describe(cfg)}")
         has_init = "A0" in got and "B0" in got
         if ("A0" in got) != ("B0" in got) or (cfg.init == "pissa" and not has_init):
             raise AdapterError(f"adapter layer {name!r} in {directory!r} lacks its initial factors A0/B0")
-        if has_init:
-            A0, B0 = got["A0"], got["B0"]
+        if (COMMITTED_A in got) != (COMMITTED_B in got):
+            raise AdapterError(f"adapter layer {name!r} in {directory!r} has only one of its committed factors "
+                               f"{COMMITTED_A}/{COMMITTED_B}")
+        for a_key, b_key in (("A0", "B0"), (COMMITTED_A, COMMITTED_B)):
+            if a_key not in got:
+                continue
+            A0, B0 = got[a_key], got[b_key]
             if (A0.dim() != 2 or B0.dim() != 2 or A0.shape[1] != layer.in_features
                     or B0.shape[0] != layer.out_features or A0.shape[0] != B0.shape[1]):
-                raise AdapterError(f"adapter layer {name!r}: A0 {tuple(A0.shape)} / B0 {tuple(B0.shape)} do not "
-                                   f"fit in={layer.in_features}, out={layer.out_features}")
+                raise AdapterError(f"adapter layer {name!r}: {a_key} {tuple(A0.shape)} / {b_key} {tuple(B0.shape)} "
+                                   f"do not fit in={layer.in_features}, out={layer.out_features}")
     return per_layer
 
 

@@ -7,9 +7,10 @@ added once.
 
 `A0`, `B0`, `init_coef` record how the live base weight differs from the original one:
 W_original - W_live = init_coef * B0 @ A0 (zero when absent). A PiSSA-style init sets them; a
-committed merge (Chain of LoRA) appends to them. They let `load_adapter` rebuild the residual
-base from a fresh model bit for bit, and `export_peft` express the update relative to the
-original weights.
+committed merge into the weights (Chain of LoRA, method.merge=weights) appends to them. They let
+`load_adapter` rebuild the residual base from a fresh model bit for bit, and `export_peft` express
+the update relative to the original weights. An exact commit (`commit_factors`, the default)
+leaves the base weight alone: the update joins a frozen path beside it (committed.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_ops
+from . import committed, fused_ops
 from . import init as inits
 
 try:  # gathers the weight under DeepSpeed ZeRO-3, no-op otherwise
@@ -29,6 +30,10 @@ except ImportError:  # pragma: no cover
 
     def gather_params_ctx(param, modifier_rank=0, fwd_module=None):
         return contextlib.nullcontext()
+
+
+COMMITTED_A, COMMITTED_B = "committed_A", "committed_B"  # saved names of the committed path
+OPTIONAL_STATE = ("A0", "B0", COMMITTED_A, COMMITTED_B)    # tensors a saved layer may or may not have
 
 
 class AdapterLinear(nn.Module):
@@ -189,20 +194,36 @@ class AdapterLinear(nn.Module):
         self.A0, self.B0, self.init_coef = A0.to(**fac), B0.to(**fac), 1.0
         self.merged = False
 
+    @torch.no_grad()
+    def commit_factors(self) -> None:
+        """Make the live update permanent without rounding it into the weight: it joins the base
+        linear's frozen low-rank path (committed.py); reinit then starts the next link."""
+        if self.merged:
+            raise RuntimeError("commit_factors on a merged layer: unmerge it first")
+        A, B = (t.detach().clone() for t in self.factors(dtype=torch.float32))  # may alias lora_A
+        committed.append(self.base_layer, A, B)
+
     def export_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """float32 (A, B) with B @ A == (W_live + update) - W_original: the LoRA to ship."""
-        A, B = self.factors(dtype=torch.float32)
+        """float32 (A, B) with B @ A == (W_live + committed + update) - W_original: the LoRA to ship."""
+        As, Bs = [t.float() for t in self.factors(dtype=torch.float32)]
+        As, Bs = [As], [Bs]
         if self.A0 is not None:
-            A = torch.cat([A, self.A0.float()], 0)
-            B = torch.cat([B, -self.init_coef * self.B0.float()], 1)
-        return A, B
+            As.append(self.A0.float()), Bs.append(-self.init_coef * self.B0.float())
+        found = committed.factors(self.base_layer)
+        if found is not None:
+            As.append(found[0].float().to(As[0].device)), Bs.append(found[1].float().to(As[0].device))
+        return torch.cat(As, 0), torch.cat(Bs, 1)
 
     def reinit(self, rank: Optional[int] = None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- save / load -------------------------------------------------------------------------
     def adapter_state(self) -> Dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+        found = committed.factors(self.base_layer)
+        if found is not None:
+            state[COMMITTED_A], state[COMMITTED_B] = found
+        return state
 
     @torch.no_grad()
     def load_adapter_state(self, state: Dict[str, torch.Tensor], init_coef: float) -> None:
@@ -210,10 +231,12 @@ class AdapterLinear(nn.Module):
         fac = self._factory()
         if "A0" in state:
             self.set_initial(state["A0"], state["B0"], init_coef)
+        if COMMITTED_A in state:
+            committed.append(self.base_layer, state[COMMITTED_A], state[COMMITTED_B])
         own = dict(self.named_parameters())
         own.update((k, v) for k, v in self.named_buffers() if k not in ("A0", "B0"))
         for key, value in state.items():
-            if key in ("A0", "B0"):
+            if key in ("A0", "B0", COMMITTED_A, COMMITTED_B):
                 continue
             own[key].data.copy_(value.to(device=fac["device"], dtype=own[key].dtype))
 

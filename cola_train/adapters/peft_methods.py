@@ -4,8 +4,9 @@ Two records are kept next to PEFT's own state (in the model's adapter info, save
   * `init`: PiSSA's initial factors per layer (PEFT moves s * B0 @ A0 out of the base), so the
     update can be exported relative to the original weights, as PEFT's own
     `path_initial_model_for_weight_conversion` does, without an extra save at step 0;
-  * `commits`: updates merged into the base for good by a schedule (Chain of LoRA), so a reload
-    rebuilds the live base and an export still starts from the original weights.
+  * `commits`: updates made permanent by a schedule (Chain of LoRA): kept beside the base as a
+    frozen low-rank path (committed.py) or merged into it; a reload re-adds them as that path
+    and an export still starts from the original weights.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import committed
 from .spec import AdapterError
 
 ADAPTER = "default"
@@ -84,12 +86,26 @@ def export_factors(name: str, module, record: dict) -> Tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def apply_commits(peft_model, commits: Dict[str, tuple]) -> None:
-    """Re-add committed updates to a freshly loaded base (W_live = W_init + Bc @ Ac)."""
+    """Re-add committed updates to a freshly loaded base as its frozen path (committed.py): the
+    effective weight W_init + Bc @ Ac, exact in any weight dtype."""
     modules = dict(lora_layers(peft_model))
     for name, (Ac, Bc) in commits.items():
-        weight = modules[name].get_base_layer().weight
-        delta = Bc.to(weight.device, torch.float64) @ Ac.to(weight.device, torch.float64)
-        weight.data.copy_((weight.data.double() + delta).to(weight.dtype))
+        committed.append(modules[name].get_base_layer(), Ac, Bc)
+
+
+@torch.no_grad()
+def commit_factors(peft_model, record: dict) -> None:
+    """Make the live update permanent without rounding it into the weight: it joins the base
+    linear's frozen low-rank path and the record (so save / export see it); reinit follows."""
+    for name, module in lora_layers(peft_model):
+        if module.merged:
+            raise AdapterError(f"layer {name!r} is merged; unmerge_adapter before committing its factors")
+        A, B = current_factors(module)
+        committed.append(module.get_base_layer(), A, B)
+        if name in record["commits"]:
+            Ac, Bc = record["commits"][name]
+            A, B = torch.cat([Ac.float().to(A.device), A], 0), torch.cat([Bc.float().to(B.device), B], 1)
+        record["commits"][name] = (A, B)
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def validate(cfg: MethodConfig) -> None:
     if cfg.kind == "chain":
         raise AdapterError(
             f"method kind 'chain' is a training schedule, not a layer: attach its base method "
-            f"({cfg.base!r}) and drive merge_adapter/reinit_adapter from the schedule"
+            f"({cfg.base!r}) and drive commit_adapter/reinit_adapter from the schedule"
         )
     if cfg.kind not in KINDS:
         raise AdapterError(f"unknown method kind {cfg.kind!r} (expected one of {', '.join(KINDS)})")
