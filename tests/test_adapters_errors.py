@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cola_train.adapters import (AdapterError, attach_adapter, export_peft, load_adapter, merge_adapter,
-                                 merged_model, reinit_adapter, save_adapter, unmerge_adapter)
+from cola_train.adapters import (AdapterError, attach_adapter, commit_adapter, export_peft, load_adapter,
+                                 merge_adapter, merged_model, reinit_adapter, save_adapter, unmerge_adapter)
 from cola_train.config import MethodConfig
 
 TARGETS = ["q_proj", "v_proj"]
@@ -138,6 +138,38 @@ def test_load_mismatches(tmp_path):
     tensors["model.layers.0.self_attn.q_proj.extra"] = torch.zeros(1)
     save_file(tensors, tmp_path / "cola_adapter.safetensors")
     with pytest.raises(AdapterError, match=r"'model.layers.0.self_attn.q_proj.extra' is not part of method"):
+        load_adapter(llama(), str(tmp_path))
+
+
+def test_committed_factors_broken_on_disk_or_merged(tmp_path):
+    """A chain's committed links (a frozen path beside the weight) saved with the adapter: a file
+    missing one factor, or one that does not fit the layer, is one clear error; a merged layer
+    cannot commit its factors."""
+    model = attach_adapter(llama(), cfg(), TARGETS)
+    merge_adapter(model)
+    with pytest.raises(AdapterError, match=r"commit_factors on a merged layer: unmerge_adapter first"):
+        commit_adapter(model)
+    unmerge_adapter(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    commit_adapter(model)
+    reinit_adapter(model)
+    save_adapter(model, tmp_path)
+    path = tmp_path / "cola_adapter.safetensors"
+    tensors = load_file(path)
+    key = "model.layers.0.self_attn.q_proj.committed_B"
+    assert tensors[key].shape == (32, 2)   # one link; fully collaborative: (sum of B's)(sum of A's), rank r
+    broken = dict(tensors)
+    del broken[key]
+    save_file(broken, path)
+    with pytest.raises(AdapterError, match=r"'model.layers.0.self_attn.q_proj' .* has only one of its committed "
+                                           r"factors committed_A/committed_B"):
+        load_adapter(llama(), str(tmp_path))
+    broken[key] = torch.zeros(32, 3)
+    save_file(broken, path)
+    with pytest.raises(AdapterError, match=r"committed_A \(2, 32\) / committed_B \(32, 3\) do not fit"):
         load_adapter(llama(), str(tmp_path))
 
 

@@ -18,13 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # gathers the weight under DeepSpeed ZeRO-3, no-op otherwise
-    from peft.utils.integrations import gather_params_ctx
-except ImportError:  # pragma: no cover
-    import contextlib
-
-    def gather_params_ctx(param, modifier_rank=0, fwd_module=None):
-        return contextlib.nullcontext()
+from peft.utils.integrations import gather_params_ctx  # the weight under ZeRO-3; no-op otherwise
 
 A_KEY, B_KEY = "committed_A", "committed_B"
 

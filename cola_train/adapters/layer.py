@@ -22,6 +22,7 @@ from torch import nn
 
 from . import committed, fused_ops
 from . import init as inits
+from .spec import AdapterError
 
 try:  # gathers the weight under DeepSpeed ZeRO-3, no-op otherwise
     from peft.utils.integrations import gather_params_ctx
@@ -199,14 +200,14 @@ class AdapterLinear(nn.Module):
         """Make the live update permanent without rounding it into the weight: it joins the base
         linear's frozen low-rank path (committed.py); reinit then starts the next link."""
         if self.merged:
-            raise RuntimeError("commit_factors on a merged layer: unmerge it first")
+            raise AdapterError("commit_factors on a merged layer: unmerge_adapter first")
         A, B = (t.detach().clone() for t in self.factors(dtype=torch.float32))  # may alias lora_A
         committed.append(self.base_layer, A, B)
 
     def export_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """float32 (A, B) with B @ A == (W_live + committed + update) - W_original: the LoRA to ship."""
-        As, Bs = [t.float() for t in self.factors(dtype=torch.float32)]
-        As, Bs = [As], [Bs]
+        A, B = self.factors(dtype=torch.float32)
+        As, Bs = [A.float()], [B.float()]
         if self.A0 is not None:
             As.append(self.A0.float()), Bs.append(-self.init_coef * self.B0.float())
         found = committed.factors(self.base_layer)
