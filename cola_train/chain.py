@@ -562,7 +562,8 @@ class ChainSchedule(TrainerCallback):
             "format": FORMAT, "link": self.link, "global_step": global_step,
             "step_in_link": global_step - self.start_of(self.link), "ends": self.ends, "ranks": self.ranks,
             "fractions": self.fractions, "restart_lr": self.restart_lr, "link_warmup": self.link_warmup,
-            "merge": self.merge, "base": self.base, "seed": self.seed, "records": [r for r in self.records if r["merged"]],
+            "merge": self.merge, "base": self.base, "seed": self.seed,
+            "records": [r for r in self.records if r["merged"]],
         })
 
     def restore(self, checkpoint) -> None:
@@ -615,7 +616,8 @@ class ChainSchedule(TrainerCallback):
     def summary(self) -> dict:
         return {"base": self.base, "links": self.links, "fractions": self.fractions, "ranks": self.ranks,
                 "ends": self.ends, "restart_lr": self.restart_lr, "link_warmup": self.link_warmup,
-                "merge": self.merge, "current_link": self.link, "resumed_from": self._restored_from, "records": self.records}
+                "merge": self.merge, "current_link": self.link, "resumed_from": self._restored_from,
+                "records": self.records}
 
 
 def attach(cfg, trainer) -> Optional[ChainSchedule]:

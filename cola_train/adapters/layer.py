@@ -237,7 +237,7 @@ class AdapterLinear(nn.Module):
         own = dict(self.named_parameters())
         own.update((k, v) for k, v in self.named_buffers() if k not in ("A0", "B0"))
         for key, value in state.items():
-            if key in ("A0", "B0", COMMITTED_A, COMMITTED_B):
+            if key in OPTIONAL_STATE:
                 continue
             own[key].data.copy_(value.to(device=fac["device"], dtype=own[key].dtype))
 

@@ -84,6 +84,14 @@ def export_factors(name: str, module, record: dict) -> Tuple[torch.Tensor, torch
     return torch.cat(As, 0), torch.cat(Bs, 1)
 
 
+def _record_commit(record: dict, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Append a committed update of layer `name` to the record (save / export read it)."""
+    if name in record["commits"]:
+        Ac, Bc = record["commits"][name]
+        A, B = torch.cat([Ac.float().to(A.device), A], 0), torch.cat([Bc.float().to(B.device), B], 1)
+    record["commits"][name] = (A, B)
+
+
 @torch.no_grad()
 def apply_commits(peft_model, commits: Dict[str, tuple]) -> None:
     """Re-add committed updates to a freshly loaded base as its frozen path (committed.py): the
@@ -102,10 +110,7 @@ def commit_factors(peft_model, record: dict) -> None:
             raise AdapterError(f"layer {name!r} is merged; unmerge_adapter before committing its factors")
         A, B = current_factors(module)
         committed.append(module.get_base_layer(), A, B)
-        if name in record["commits"]:
-            Ac, Bc = record["commits"][name]
-            A, B = torch.cat([Ac.float().to(A.device), A], 0), torch.cat([Bc.float().to(B.device), B], 1)
-        record["commits"][name] = (A, B)
+        _record_commit(record, name, A, B)
 
 
 @torch.no_grad()
@@ -121,11 +126,7 @@ def reinit(peft_model, record: dict, rank: Optional[int]) -> None:
             if _is_dora(module):
                 raise AdapterError(f"DoRA layer {name!r}: a merged DoRA update is not low-rank and cannot be "
                                    f"committed; unmerge_adapter first")
-            A, B = current_factors(module)
-            if name in record["commits"]:
-                Ac, Bc = record["commits"][name]
-                A, B = torch.cat([Ac.float().to(A.device), A], 0), torch.cat([Bc.float().to(B.device), B], 1)
-            record["commits"][name] = (A, B)
+            _record_commit(record, name, *current_factors(module))
             module.merged_adapters = []
         if _is_dora(module) or (rank is not None and rank != module.r[ADAPTER]):
             module.update_layer(ADAPTER, new_config.r, new_config.lora_alpha, config=new_config)
