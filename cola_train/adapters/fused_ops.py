@@ -13,6 +13,11 @@ it would keep extra activations alive. These functions cut that traffic and memo
   update. It saves gate and up, which the frozen model keeps too, and recomputes the product in
   backward. The frozen model would store silu(gate) and the product, so an adapted MLP keeps less
   than a frozen one.
+* The update is written first and the base GEMM accumulates onto it (`addmm_`, beta = 1): the
+  GEMM's epilogue reads it, for free, where adding it afterwards would read and write the
+  activation-sized output once more. The same holds for dx in backward. For HydraLoRA and MoLE
+  without dropout, the router and the A's share one GEMM over x, and their input gradients
+  another.
 * Dropout on the adapter's input keeps only a seed. The mask is drawn from a generator seeded by
   it, once in forward and again in backward. nn.Dropout would instead store the mask and the
   dropped copy of every adapted input. The mask is Bernoulli(1 - p) / (1 - p), as nn.Dropout's
@@ -74,11 +79,18 @@ def _down_grad(gd: torch.Tensor, inp: torch.Tensor, p: float, seed: int):
     return gd.t() @ xa, mask
 
 
-def _add_input_grad(dx: torch.Tensor, gd: torch.Tensor, A: torch.Tensor, mask) -> torch.Tensor:
-    """dx += (gd A) * mask, into dx's own buffer."""
-    if mask is None:
-        return dx.addmm_(gd, A)
-    return dx.add_((gd @ A).mul_(mask))
+def _update_and_base(z: torch.Tensor, B: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """z B^T (+ b), then x W^T accumulated onto it by the base GEMM itself (beta = 1)."""
+    out = z @ B.t() if bias is None else torch.addmm(bias, z, B.t())
+    return out.addmm_(x, weight.t())
+
+
+def _input_grad(g: torch.Tensor, weight: torch.Tensor, gd: torch.Tensor, A: torch.Tensor, mask) -> torch.Tensor:
+    """dx = (gd A) * mask + g W: the adapter's part first, then the base GEMM accumulates onto it."""
+    dx = gd @ A
+    if mask is not None:
+        dx.mul_(mask)
+    return dx.addmm_(g, weight)
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -86,11 +98,10 @@ class LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, p, seed):
-        out = F.linear(x, weight, bias)
         xa, _ = _dropped(x, p, seed)
         z = xa @ A.t()
         del xa
-        out.addmm_(z, B.t())
+        out = _update_and_base(z, B, x, weight, bias)
         ctx.p, ctx.seed = p, seed
         ctx.save_for_backward(x, weight, A, B, z)
         return out
@@ -101,7 +112,7 @@ class LowRankLinear(torch.autograd.Function):
         gz = g @ B
         dB = g.t() @ z
         dA, mask = _down_grad(gz, x, ctx.p, ctx.seed)
-        dx = _add_input_grad(g @ weight, gz, A, mask) if ctx.needs_input_grad[0] else None
+        dx = _input_grad(g, weight, gz, A, mask) if ctx.needs_input_grad[0] else None
         return dx, None, None, dA, dB, None, None
 
 
@@ -111,11 +122,11 @@ class GatedLowRankMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, A, B, p, seed):
         h = F.silu(gate).mul_(up)
-        out = F.linear(h, weight, bias)
         ha, _ = _dropped(h, p, seed)
         z = ha @ A.t()
-        del h, ha
-        out.addmm_(z, B.t())
+        del ha
+        out = _update_and_base(z, B, h, weight, bias)
+        del h
         ctx.p, ctx.seed = p, seed
         ctx.save_for_backward(gate, up, weight, A, B, z)
         return out
@@ -127,7 +138,7 @@ class GatedLowRankMLP(torch.autograd.Function):
         dB = g.t() @ z
         act = F.silu(gate)
         dA, mask = _down_grad(gz, act * up, ctx.p, ctx.seed)
-        dh = _add_input_grad(g @ weight, gz, A, mask)
+        dh = _input_grad(g, weight, gz, A, mask)
         del mask
         dup = dh * act
         del act
@@ -158,12 +169,14 @@ class RoutedLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, R, A, B, r, p, seed):
-        probs = torch.softmax(x @ R.t(), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-        xa, _ = _dropped(x, p, seed)
-        h = (xa @ A.t()).view(x.shape[0], -1, r)
-        del xa
-        out = F.linear(x, weight, bias)
-        out.addmm_((probs.to(h.dtype).unsqueeze(-1) * h).flatten(1), B.t())
+        if p == 0.0:                                               # router and A's: one pass over x
+            logits, h = (x @ torch.cat([R, A]).t()).split([R.shape[0], A.shape[0]], dim=1)
+        else:
+            logits, h = x @ R.t(), _dropped(x, p, seed)[0] @ A.t()
+        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+        h = h.contiguous().view(x.shape[0], -1, r)
+        del logits
+        out = _update_and_base((probs.to(h.dtype).unsqueeze(-1) * h).flatten(1), B, x, weight, bias)
         ctx.p, ctx.seed, ctx.r = p, seed, r
         ctx.save_for_backward(x, weight, R, A, B, h, probs)
         return out, probs
@@ -184,11 +197,17 @@ class RoutedLowRankLinear(torch.autograd.Function):
         if h.shape[1] == 1:                                        # shared A: sum over the heads
             d_h = d_h.sum(1, keepdim=True)
         d_h = d_h.flatten(1)
-        dR = d_logits.t() @ x
-        dA, mask = _down_grad(d_h, x, ctx.p, ctx.seed)
         dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _add_input_grad((g @ weight).addmm_(d_logits, R), d_h, A, mask)
+        if ctx.p == 0.0:                                           # dR and dA: one pass over x
+            d_both = torch.cat([d_logits, d_h], dim=1)
+            dR, dA = (d_both.t() @ x).split([R.shape[0], A.shape[0]])
+            if ctx.needs_input_grad[0]:
+                dx = (d_both @ torch.cat([R, A])).addmm_(g, weight)
+        else:
+            dR = d_logits.t() @ x
+            dA, mask = _down_grad(d_h, x, ctx.p, ctx.seed)
+            if ctx.needs_input_grad[0]:
+                dx = _input_grad(g, weight, d_h, A, mask).addmm_(d_logits, R)
         return dx, None, None, dR, dA, dB, None, None, None
 
 
