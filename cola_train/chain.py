@@ -52,7 +52,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import adapters
-from .adapters import peft_methods
+from .adapters import fp32_path, peft_methods
 from .adapters.io import our_layers, require_info, unwrap
 from .config import ConfigError, MethodConfig
 from .models import upcast_trainable
@@ -305,6 +305,8 @@ def switch(model, next_rank: int, seed: int, merge: str = "factors"):
             adapters.reinit_adapter(model, rank=next_rank)
     if fp32_masters:  # a new rank builds new tensors in the base's dtype: keep fp32 master weights
         upcast_trainable(model)
+    if fp32_path.enabled(model):  # and PEFT builds new lora_A / lora_B modules
+        fp32_path.enable(model)
     return weights, factors
 
 

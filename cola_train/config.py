@@ -99,6 +99,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"                    # auto | bf16 | fp16 | fp32
     master_weights: bool = True                # bf16/fp16 without DeepSpeed: fp32 trainable weights
+    fp32_adapter_path: bool = False            # bf16/fp16: the adapters' low-rank path in fp32 (fp32_path.py)
     logging_steps: int = 10
     eval_steps: int = 0                        # 0: evaluate at the end only
     save_steps: int = 0                        # 0: save at the end only
@@ -187,6 +188,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.lr={t.lr} must be > 0")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError(f"trainer.epochs={t.epochs} must be > 0 when trainer.max_steps <= 0")
+    if t.fp32_adapter_path and (not t.master_weights or cfg.deepspeed.name != "none"):
+        raise ConfigError("trainer.fp32_adapter_path=true needs fp32 adapter weights in the model: "
+                          f"trainer.master_weights=true and deepspeed=none (got master_weights="
+                          f"{str(t.master_weights).lower()}, deepspeed={cfg.deepspeed.name})")
     if m.kind != "none":
         for key in ("r", "num_A", "num_B"):
             if getattr(m, key) < 1:

@@ -80,6 +80,8 @@ def build_model(cfg):
     mixed = any(_precision(cfg).values())
     if mixed and cfg.trainer.master_weights and not distributed.deepspeed_enabled(cfg):
         log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))
+        if cfg.trainer.fp32_adapter_path:
+            log.info("fp32 low-rank path: %d adapted layers", adapters.fp32_path.enable(model))
     return tokenizer, model
 
 

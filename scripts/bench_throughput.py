@@ -72,6 +72,12 @@ VARIANTS = {
                                                          num_B=3, r=8, alpha=16, dropout=0.0),
     "MoLE (3 experts), fp32 master weights": MethodConfig(name="mole", kind="mole", num_A=3, num_B=3, r=8,
                                                           alpha=16, dropout=0.0),
+    # trainer.fp32_adapter_path: fp32 master weights and the low-rank path computed in fp32
+    "CoLA heuristic, fp32 adapter path": MethodConfig(name="cola_heuristic", strategy="heuristic", impl="fused",
+                                                      **COLA),
+    "HydraLoRA (n=3), fp32 adapter path": MethodConfig(name="hydralora", kind="hydralora", num_A=1, num_B=3,
+                                                       r=8, alpha=16, dropout=0.0),
+    "PEFT LoRA, fp32 adapter path": MethodConfig(name="lora", kind="peft", r=8, alpha=16, dropout=0.0),
     "FFT": "fft",
 }
 
@@ -146,11 +152,13 @@ def attach(base, variant, targets):
 
 
 def attach_variant(base, name, variant, targets):
-    """attach(), plus what the variant's name asks for: fp32 master weights, autograd's own
-    backward (the caller sets AdapterLinear.custom_backward back to True)."""
+    """attach(), plus what the variant's name asks for: fp32 master weights, the fp32 adapter path,
+    autograd's own backward (the caller sets AdapterLinear.custom_backward back to True)."""
     model, undo = attach(base, variant, targets)
-    if "fp32 master weights" in name:
+    if "fp32 master weights" in name or "fp32 adapter path" in name:
         upcast_trainable(model)
+    if "fp32 adapter path" in name:
+        adapters.fp32_path.enable(model)
     AdapterLinear.custom_backward = "autograd backward" not in name
     return model, undo
 

@@ -29,6 +29,9 @@ def _check(proc, pattern: str):
     (["method=cola_fully", "method.num_A=0"], r"method.num_A=0 must be >= 1"),
     (["method=cola_heuristic", "method.alpha=0"], r"method.alpha=0.0 must be > 0"),
     (["method=hydralora", "method.num_A=2"], r"hydralora shares one A across its B heads: num_A must be 1, got 2"),
+    (["trainer.fp32_adapter_path=true", "trainer.master_weights=false"],
+     r"trainer.fp32_adapter_path=true needs fp32 adapter weights in the model: trainer.master_weights=true and "
+     r"deepspeed=none \(got master_weights=false, deepspeed=none\)"),
     (["method=mole", "method.num_B=2"], r"mole experts are \(A_i, B_i\) pairs: num_B must equal num_A=3, got 2"),
     (["method=chain_of_lora", "method.links=0"], r"method.links=0 must be an integer >= 1"),
     (["method=chain_of_lora", "method.link_fractions=[0.5,0.2,0.2]"], r"method.link_fractions=\[0.5, 0.2, 0.2\] sums to 0.9, not 1"),

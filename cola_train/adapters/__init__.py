@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import committed, gated_mlp, peft_methods
+from . import committed, fp32_path, gated_mlp, peft_methods
 from .cola_layer import CoLALinear, resample
 from .hydralora import HydraLoRALinear
 from .io import (adapter_info, export_peft, load_adapter, our_layers, require_info, save_adapter, set_info,

@@ -98,7 +98,7 @@ class CoLALinear(AdapterLinear):
         gather) run before any parameter is read."""
         if up is not None:
             return self._forward_gated(x, up)
-        if self.merged or self.impl == "loop" or args or kwargs:
+        if self.merged or self.impl == "loop" or args or kwargs or self.fp32_path:
             return super().forward(x, *args, **kwargs)
         A, B = self._to_compute(x, *self.factors(train_rule=self.training))
         x2 = x.reshape(-1, x.shape[-1])
@@ -109,7 +109,7 @@ class CoLALinear(AdapterLinear):
 
     def _forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Fused, the product silu(gate) * up is never stored: the backward recomputes it."""
-        if self.custom_backward and not self.merged and self.impl != "loop":
+        if self.custom_backward and not self.merged and self.impl != "loop" and not self.fp32_path:
             A, B = self._to_compute(gate, *self.factors(train_rule=self.training))
             g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
             if g2.dtype == u2.dtype and fused_ops.can_fuse(self.base_layer, g2, A, B):

@@ -45,7 +45,7 @@ class HydraLoRALinear(AdapterLinear):
         return self._router_probs(self.router, x)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged or self.impl == "loop" or args or kwargs:
+        if self.merged or self.impl == "loop" or args or kwargs or self.fp32_path:
             return super().forward(x, *args, **kwargs)
         routed = self._routed_forward(x, self.router, self.lora_A,
                                       self.lora_B.reshape(self.out_features, -1) * self.scaling)

@@ -42,6 +42,8 @@ class AdapterLinear(nn.Module):
     # fused impl: the hand-written backward of fused_ops where it applies (False: plain autograd
     # ops, kept for the benchmark's before/after and as the ZeRO-3 / mixed-dtype path)
     custom_backward = True
+    # the low-rank path in fp32 under half-precision autocast (fp32_path.enable; plain autograd ops)
+    fp32_path = False
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
@@ -100,6 +102,9 @@ class AdapterLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        if self.fp32_path:  # fp32_path.py: the low-rank path in fp32 next to a half-precision base
+            with torch.autocast(x.device.type, enabled=False):
+                return result + self.delta(x.float()).to(result.dtype)
         return result + self.delta(x).to(result.dtype)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

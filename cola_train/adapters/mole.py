@@ -55,7 +55,7 @@ class MoLELinear(AdapterLinear):
         return self._router_probs(self.gate, x)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged or self.impl == "loop" or args or kwargs:
+        if self.merged or self.impl == "loop" or args or kwargs or self.fp32_path:
             return super().forward(x, *args, **kwargs)
         m, r = self.num_experts, self.r
         routed = self._routed_forward(x, self.gate, self.lora_A.reshape(m * r, self.in_features),
