@@ -464,6 +464,12 @@ def launch_local_ranks(cfg, out: Path, overrides: list[str], sweeping: bool):
         log.warning("ranks stopped for preemption at step %s", results.get("train", {}).get("steps"))
         hand_over_preemption()
         raise SystemExit(EXIT_PREEMPTED)
+    if rc != 0 and status == "completed":
+        # rank 0 writes a completed results.json only after every rank has trained and evaluated
+        # (they meet in collectives on the way): a rank that then dies in teardown (gloo's threads
+        # can abort at exit under load) has lost nothing, so the run stands
+        log.warning("a local rank exited with code %s after the run completed; keeping its results", rc)
+        return results
     if rc != 0:
         if status != "failed":
             write_json_atomic(out / "results.json", {

@@ -9,10 +9,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cola_train import chain
-from cola_train.adapters import attach_adapter, fp32_path
+from cola_train.adapters import AdapterLinear, attach_adapter, fp32_path, fused_ops, resample
 from cola_train.adapters.spec import AdapterError
 from cola_train.config import MethodConfig
 from cola_train.models import upcast_trainable
+from test_fused_ops import TARGETS, _saved_bytes
 
 METHODS = {
     "cola_fully": MethodConfig(name="cola_fully", kind="cola", strategy="fully", num_A=2, num_B=3, r=4, alpha=8.0,
@@ -110,3 +111,111 @@ def test_a_chain_link_at_a_new_rank_keeps_the_fp32_path():
     subs = (layer.lora_A["default"], layer.lora_B["default"])
     assert subs[0].weight.shape[0] == 2
     assert all(type(m) is fp32_path.FP32Linear and m.weight.dtype == torch.float32 for m in subs)
+
+
+def _llama_all(strategy: str, fp32: bool) -> nn.Module:
+    """Tiny Llama in bf16, CoLA on all seven projections (down_proj through the gated MLP),
+    fp32 master weights, optionally the fp32 path."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    method = MethodConfig(name=f"cola_{strategy}", kind="cola", strategy=strategy, num_A=2, num_B=3, r=4,
+                          alpha=8.0, dropout=0.0, init="pissa")
+    model = attach_adapter(LlamaForCausalLM(cfg).to(torch.bfloat16), method, TARGETS)
+    upcast_trainable(model)
+    if fp32:
+        fp32_path.enable(model)
+    model.enable_input_require_grads()
+    return model
+
+
+def _loss_and_grads(model, ids, custom: bool):
+    AdapterLinear.custom_backward = custom
+    try:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        resample(model, 0, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        AdapterLinear.custom_backward = True
+    return loss.detach().float(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("strategy", ["fully", "heuristic"])
+def test_the_fused_fp32_path_matches_plain_autograd(strategy):
+    """fused_ops with fp32 factors beside bf16 activations against the plain fp32 path (autograd),
+    without dropout (nn.Dropout draws other masks; the unit test below covers dropout): the same
+    loss and factor gradients up to the bf16 rounding of the activations."""
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    model = _llama_all(strategy, fp32=True)
+    loss_f, fused = _loss_and_grads(model, ids, custom=True)
+    loss_p, plain = _loss_and_grads(model, ids, custom=False)
+    assert abs(float(loss_f - loss_p)) < 0.02 * float(loss_p)
+    assert fused.keys() == plain.keys() and len(fused) == 2 * 7 * 2
+    for name in fused:
+        assert fused[name].dtype == torch.float64 and fused[name].abs().sum() > 0
+        rel = float((fused[name] - plain[name]).norm() / plain[name].norm())
+        assert rel < 0.05, (name, rel)
+
+
+def test_the_fused_fp32_path_keeps_no_fp32_copy_of_the_inputs():
+    """The plain fp32 path keeps an fp32 copy of every adapted input for backward; the fused one
+    keeps the bf16 inputs the base keeps anyway, plus the small fp32 z's."""
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    model = _llama_all("fully", fp32=True)
+
+    def saved(custom):
+        AdapterLinear.custom_backward = custom
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return _saved_bytes(model, ids)
+        finally:
+            AdapterLinear.custom_backward = True
+    fused, plain = saved(True), saved(False)
+    # fp32 copies of q/k/v, o, gate/up and down_proj inputs: (3 + 1 + 2) x 64 + 160 wide, 4 bytes, 2 layers
+    copies = (6 * 64 + 160) * ids.numel() * 4 * 2
+    assert plain - fused >= copies, (fused, plain, copies)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_fused_functions_with_fp32_factors_and_dropout(gated):
+    """One fused function, bf16 activations and base weight, fp32 factors, dropout 0.3: output and
+    gradients against the same maths in plain autograd ops with the same mask."""
+    g = torch.Generator().manual_seed(4)
+    d_in, d_out, T, p, seed = 24, 16, 40, 0.3, 77
+    a = torch.randn(T, d_in, generator=g).to(torch.bfloat16).requires_grad_(True)
+    u = torch.randn(T, d_in, generator=g).to(torch.bfloat16).requires_grad_(True)
+    W = torch.randn(d_out, d_in, generator=g).to(torch.bfloat16)
+    A = (torch.randn(4, d_in, generator=g) * 0.3).requires_grad_(True)
+    B = (torch.randn(d_out, 4, generator=g) * 0.3).requires_grad_(True)
+    gout = torch.randn(T, d_out, generator=g).to(torch.bfloat16)
+
+    def fused():
+        if gated:
+            return fused_ops.GatedLowRankMLP.apply(a, u, W, None, A, B, p, seed)
+        return fused_ops.LowRankLinear.apply(a, W, None, A, B, p, seed)
+
+    def reference():
+        h = torch.nn.functional.silu(a) * u if gated else a
+        mask = fused_ops.dropout_mask(h, p, seed)
+        update = ((h * mask).float() @ A.t()) @ B.t()
+        return (h @ W.t()).float() + update
+
+    results = []
+    for fn in (fused, reference):
+        for t in (a, u, A, B):
+            t.grad = None
+        out = fn()
+        out.backward(gout.to(out.dtype))
+        results.append((out.float(), [t.grad.float() if t.grad is not None else None for t in (a, u, A, B)]))
+    (out_f, grads_f), (out_r, grads_r) = results
+    assert out_f.dtype == torch.float32 and fused().dtype == torch.bfloat16
+    torch.testing.assert_close(out_f, out_r, rtol=2e-2, atol=2e-2)
+    for name, gf, gr in zip("a u A B".split(), grads_f, grads_r):
+        if gr is None:
+            assert gf is None, name
+            continue
+        rel = float((gf - gr).norm() / gr.norm())
+        assert rel < (1e-3 if name in "AB" else 2e-2), (name, rel)

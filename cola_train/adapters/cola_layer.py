@@ -98,19 +98,27 @@ class CoLALinear(AdapterLinear):
         gather) run before any parameter is read."""
         if up is not None:
             return self._forward_gated(x, up)
-        if self.merged or self.impl == "loop" or args or kwargs or self.fp32_path:
+        if self.merged or self.impl == "loop" or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        A, B = self._to_compute(x, *self.factors(train_rule=self.training))
+        A, B = self._compute_factors(x)
         x2 = x.reshape(-1, x.shape[-1])
         if self.custom_backward and fused_ops.can_fuse(self.base_layer, x2, A, B):
             result = fused_ops.low_rank_linear(self.base_layer, x2, A, B, self._dropout_p())
             return result.view(*x.shape[:-1], result.shape[-1])
+        if self.fp32_path:
+            return super().forward(x)
         return self._fused_forward(x, lambda rows: (F.linear(self.dropout(self._cast_input(rows, A.dtype)), A), B))
+
+    def _compute_factors(self, x: torch.Tensor):
+        """The effective (A, B) in the dtype the update is computed in: the activations', or fp32
+        on the fp32 adapter path (fused_ops computes the rank-r path in fp32 then)."""
+        factors = self.factors(train_rule=self.training)
+        return factors if self.fp32_path else self._to_compute(x, *factors)
 
     def _forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Fused, the product silu(gate) * up is never stored: the backward recomputes it."""
-        if self.custom_backward and not self.merged and self.impl != "loop" and not self.fp32_path:
-            A, B = self._to_compute(gate, *self.factors(train_rule=self.training))
+        if self.custom_backward and not self.merged and self.impl != "loop":
+            A, B = self._compute_factors(gate)
             g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
             if g2.dtype == u2.dtype and fused_ops.can_fuse(self.base_layer, g2, A, B):
                 out = fused_ops.gated_low_rank_mlp(self.base_layer, g2, u2, A, B, self._dropout_p())

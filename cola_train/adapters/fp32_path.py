@@ -6,9 +6,13 @@ bf16 rounding step of PiSSA's large principal factors, so the forward sees it on
 happens to cross a rounding boundary, as a whole rounding step: right on average, but as a fixed
 error in the factors many times the step. On SmolLM2-135M one PiSSA pair reached eval loss 0.831
 after 10 steps with this path in fp32, 2.131 without, and 0.840 with the whole model in fp32
-(docs/RESULTS.md). The base weights and
-activations stay in half precision; the rank-r path costs an fp32 copy of each adapted input and
-gives up the fused kernels (fused_ops), so it is opt-in: `trainer.fp32_adapter_path=true`.
+(docs/RESULTS.md).
+
+The base weights and activations stay in half precision. CoLA's layers keep their fused functions
+(fused_ops takes fp32 factors beside half activations; the input's fp32 copy lives only inside each
+call). HydraLoRA, MoLE and PEFT's layers take plain autograd ops and keep an fp32 copy of each
+adapted input for backward. Its speed is not measured yet, so it is opt-in:
+`trainer.fp32_adapter_path=true`.
 """
 from __future__ import annotations
 

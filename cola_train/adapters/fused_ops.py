@@ -24,9 +24,13 @@ it would keep extra activations alive. These functions cut that traffic and memo
   is, but drawn from its own stream.
 
 Both need: a plain frozen nn.Linear base (no ZeRO-3 partitioned weight) and one dtype for
-activations, weights and factors (no casts). `can_fuse` checks this; otherwise callers use plain
-autograd ops. A and B are the effective factors (scaling folded into B), so every CoLA combiner
-goes through here; their own gradients flow on to the stored factors through autograd.
+activations and base weight. The factors are in that dtype too, or in float32 next to half-precision
+activations (trainer.fp32_adapter_path, fp32_path.py): then the rank-r path runs in float32 and only
+the update, once, is rounded to the activations' dtype; the fp32 copies of the input live only inside
+each function. `can_fuse` checks this; otherwise callers use plain autograd ops. Autocast is off
+inside: every input is already in the dtype it is used in. A and B are the effective factors
+(scaling folded into B), so every CoLA combiner goes through here; their own gradients flow on to
+the stored factors through autograd.
 """
 from __future__ import annotations
 
@@ -43,7 +47,9 @@ def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor)
         return False
     if base.bias is not None and base.bias.requires_grad:
         return False
-    if not (x.dtype == w.dtype == A.dtype == B.dtype) or x.device != w.device:
+    if not (x.dtype == w.dtype and A.dtype == B.dtype) or x.device != w.device:
+        return False
+    if A.dtype != x.dtype and A.dtype != torch.float32:  # only an fp32 update beside half activations
         return False
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type) == x.dtype
@@ -76,18 +82,27 @@ def _dropped(x: torch.Tensor, p: float, seed: int):
 def _down_grad(gd: torch.Tensor, inp: torch.Tensor, p: float, seed: int):
     """(dA = gd^T drop(inp), the mask or None): the input's dropped copy lives only for this."""
     xa, mask = _dropped(inp, p, seed)
-    return gd.t() @ xa, mask
+    return gd.t() @ xa.to(gd.dtype), mask
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _update_and_base(z: torch.Tensor, B: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     """z B^T (+ b), then x W^T accumulated onto it by the base GEMM itself (beta = 1)."""
-    out = z @ B.t() if bias is None else torch.addmm(bias, z, B.t())
+    if z.dtype == x.dtype:
+        out = z @ B.t() if bias is None else torch.addmm(bias, z, B.t())
+    else:  # an fp32 update beside half activations: rounded once, here
+        out = (z @ B.t()).to(x.dtype)
+        if bias is not None:
+            out.add_(bias)
     return out.addmm_(x, weight.t())
 
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, gd: torch.Tensor, A: torch.Tensor, mask) -> torch.Tensor:
     """dx = (gd A) * mask + g W: the adapter's part first, then the base GEMM accumulates onto it."""
-    dx = gd @ A
+    dx = (gd @ A).to(g.dtype)
     if mask is not None:
         dx.mul_(mask)
     return dx.addmm_(g, weight)
@@ -98,10 +113,11 @@ class LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, p, seed):
-        xa, _ = _dropped(x, p, seed)
-        z = xa @ A.t()
-        del xa
-        out = _update_and_base(z, B, x, weight, bias)
+        with _no_autocast(x):
+            xa, _ = _dropped(x, p, seed)
+            z = xa.to(A.dtype) @ A.t()
+            del xa
+            out = _update_and_base(z, B, x, weight, bias)
         ctx.p, ctx.seed = p, seed
         ctx.save_for_backward(x, weight, A, B, z)
         return out
@@ -109,10 +125,13 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight, A, B, z = ctx.saved_tensors
-        gz = g @ B
-        dB = g.t() @ z
-        dA, mask = _down_grad(gz, x, ctx.p, ctx.seed)
-        dx = _input_grad(g, weight, gz, A, mask) if ctx.needs_input_grad[0] else None
+        with _no_autocast(g):
+            gu = g.to(B.dtype)
+            gz = gu @ B
+            dB = gu.t() @ z
+            del gu
+            dA, mask = _down_grad(gz, x, ctx.p, ctx.seed)
+            dx = _input_grad(g, weight, gz, A, mask) if ctx.needs_input_grad[0] else None
         return dx, None, None, dA, dB, None, None
 
 
@@ -121,12 +140,13 @@ class GatedLowRankMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, A, B, p, seed):
-        h = F.silu(gate).mul_(up)
-        ha, _ = _dropped(h, p, seed)
-        z = ha @ A.t()
-        del ha
-        out = _update_and_base(z, B, h, weight, bias)
-        del h
+        with _no_autocast(gate):
+            h = F.silu(gate).mul_(up)
+            ha, _ = _dropped(h, p, seed)
+            z = ha.to(A.dtype) @ A.t()
+            del ha
+            out = _update_and_base(z, B, h, weight, bias)
+            del h
         ctx.p, ctx.seed = p, seed
         ctx.save_for_backward(gate, up, weight, A, B, z)
         return out
@@ -134,15 +154,18 @@ class GatedLowRankMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gate, up, weight, A, B, z = ctx.saved_tensors
-        gz = g @ B
-        dB = g.t() @ z
-        act = F.silu(gate)
-        dA, mask = _down_grad(gz, act * up, ctx.p, ctx.seed)
-        dh = _input_grad(g, weight, gz, A, mask)
-        del mask
-        dup = dh * act
-        del act
-        dgate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
+        with _no_autocast(g):
+            gu = g.to(B.dtype)
+            gz = gu @ B
+            dB = gu.t() @ z
+            del gu
+            act = F.silu(gate)
+            dA, mask = _down_grad(gz, act * up, ctx.p, ctx.seed)
+            dh = _input_grad(g, weight, gz, A, mask)
+            del mask
+            dup = dh * act
+            del act
+            dgate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
         return dgate, dup, None, None, dA, dB, None, None
 
 

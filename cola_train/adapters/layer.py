@@ -42,7 +42,7 @@ class AdapterLinear(nn.Module):
     # fused impl: the hand-written backward of fused_ops where it applies (False: plain autograd
     # ops, kept for the benchmark's before/after and as the ZeRO-3 / mixed-dtype path)
     custom_backward = True
-    # the low-rank path in fp32 under half-precision autocast (fp32_path.enable; plain autograd ops)
+    # the low-rank path in fp32 next to half-precision activations (fp32_path.enable)
     fp32_path = False
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float):
@@ -118,7 +118,7 @@ class AdapterLinear(nn.Module):
         or None where it does not apply and the caller takes the plain path."""
         x2 = x.reshape(-1, x.shape[-1])
         R, A, B = self._to_compute(x2, router.weight, A, B)
-        if not (self.custom_backward and R.dtype == x2.dtype
+        if not (self.custom_backward and R.dtype == A.dtype == x2.dtype
                 and fused_ops.can_fuse(self.base_layer, x2, A, B)):
             return None
         out, probs = fused_ops.routed_low_rank_linear(self.base_layer, x2, R, A, B, self.r,
