@@ -13,7 +13,8 @@ from cola_train.adapters import AdapterLinear, attach_adapter, fp32_path, fused_
 from cola_train.adapters.spec import AdapterError
 from cola_train.config import MethodConfig
 from cola_train.models import upcast_trainable
-from test_fused_ops import TARGETS, _saved_bytes
+from test_fused_ops import TARGETS, _cola, _saved_bytes
+from test_fused_ops import _llama as _llama_fused
 
 METHODS = {
     "cola_fully": MethodConfig(name="cola_fully", kind="cola", strategy="fully", num_A=2, num_B=3, r=4, alpha=8.0,
@@ -113,18 +114,12 @@ def test_a_chain_link_at_a_new_rank_keeps_the_fp32_path():
     assert all(type(m) is fp32_path.FP32Linear and m.weight.dtype == torch.float32 for m in subs)
 
 
-def _llama_all(strategy: str, fp32: bool) -> nn.Module:
-    """Tiny Llama in bf16, CoLA on all seven projections (down_proj through the gated MLP),
-    fp32 master weights, optionally the fp32 path."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    method = MethodConfig(name=f"cola_{strategy}", kind="cola", strategy=strategy, num_A=2, num_B=3, r=4,
-                          alpha=8.0, dropout=0.0, init="pissa")
-    model = attach_adapter(LlamaForCausalLM(cfg).to(torch.bfloat16), method, TARGETS)
+def _llama_all(strategy: str) -> nn.Module:
+    """test_fused_ops' tiny Llama in bf16, CoLA on all seven projections (down_proj through the
+    gated MLP), fp32 master weights, on the fp32 path."""
+    model = attach_adapter(_llama_fused(torch.bfloat16), _cola(strategy), TARGETS)
     upcast_trainable(model)
-    if fp32:
-        fp32_path.enable(model)
+    fp32_path.enable(model)
     model.enable_input_require_grads()
     return model
 
@@ -149,7 +144,7 @@ def test_the_fused_fp32_path_matches_plain_autograd(strategy):
     without dropout (nn.Dropout draws other masks; the unit test below covers dropout): the same
     loss and factor gradients up to the bf16 rounding of the activations."""
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
-    model = _llama_all(strategy, fp32=True)
+    model = _llama_all(strategy)
     loss_f, fused = _loss_and_grads(model, ids, custom=True)
     loss_p, plain = _loss_and_grads(model, ids, custom=False)
     assert abs(float(loss_f - loss_p)) < 0.02 * float(loss_p)
@@ -164,7 +159,7 @@ def test_the_fused_fp32_path_keeps_no_fp32_copy_of_the_inputs():
     """The plain fp32 path keeps an fp32 copy of every adapted input for backward; the fused one
     keeps the bf16 inputs the base keeps anyway, plus the small fp32 z's."""
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
-    model = _llama_all("fully", fp32=True)
+    model = _llama_all("fully")
 
     def saved(custom):
         AdapterLinear.custom_backward = custom
