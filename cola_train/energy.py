@@ -38,15 +38,20 @@ class EnergyMeter:
             torch.cuda.synchronize()
             self.start_mj = self._read()
 
-    def stop(self, tokens: int) -> dict | None:
-        """Joules used since start() on all ranks together, and per trained token."""
+    def joules(self) -> float | None:
+        """Joules used since start() on all ranks together (a collective under torch.distributed)."""
         if self.handle is None or self.start_mj is None:
             return None
         torch.cuda.synchronize()
-        joules = torch.tensor([(self._read() - self.start_mj) / 1000.0, float(tokens)],
-                              dtype=torch.float64, device="cuda")
+        joules = torch.tensor([(self._read() - self.start_mj) / 1000.0], dtype=torch.float64, device="cuda")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(joules)
-        total, all_tokens = joules.tolist()
-        return {"joules": total, "joules_per_token": total / max(all_tokens, 1.0),
-                "gpus": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+        return joules.item()
+
+
+def energy_summary(joules: float | None, tokens: int) -> dict | None:
+    """results.json's energy: the run's joules (all ranks) and per trained token; None if unmeasured."""
+    if joules is None:
+        return None
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {"joules": joules, "joules_per_token": joules / max(tokens, 1), "gpus": world}

@@ -35,6 +35,9 @@ METRICS = [
     ("energy_j", "energy (J)", ("energy", "joules")),
 ]
 PLOTTED = ["accuracy", "eval_loss"]
+# totals over a run, which a job resumed without its earlier segments' totals undercounts
+# (run_totals.py); rates such as tokens/s stay valid for it
+WHOLE_RUN = {"energy_j"}
 # hyper-parameters a study may sweep besides the seed: where one varies inside a (model, method,
 # domain, size) cell, its value splits the cell and is shown as the row's "settings"
 HYPER = [("trainer", "lr", "lr"), ("method", "r", "r"), ("method", "alpha", "alpha"),
@@ -131,6 +134,14 @@ def _stats(values: list[float]) -> dict:
             "n": len(arr)}
 
 
+def counts_whole_run(results: dict) -> bool:
+    """False for a job resumed from a checkpoint without run totals, or written before they existed."""
+    train = results.get("train") or {}
+    if "counted_from_step" in train:
+        return train["counted_from_step"] == 0
+    return not train.get("resumed", False)
+
+
 def _hyper(job: Job) -> dict:
     return {label: _get(job.config, section, key) for section, key, label in HYPER}
 
@@ -156,7 +167,8 @@ def summarize(jobs: list[Job]) -> list[dict]:
                "n": len(members),
                "seeds": sorted({_get(j.config, "seed") for j in members}, key=str)}
         for name, _, path in METRICS:
-            values = [v for v in (_number(_get(j.results, *path)) for j in members) if v is not None]
+            whole = [j for j in members if name not in WHOLE_RUN or counts_whole_run(j.results)]
+            values = [v for v in (_number(_get(j.results, *path)) for j in whole) if v is not None]
             row[name] = _stats(values)
         rows.append(row)
     return rows
@@ -321,7 +333,8 @@ def write_report(multirun_dir: str | Path, out_dir: str | Path | None = None) ->
     md = [f"# Sweep report: {root}", "",
           f"{len(jobs)} job(s): {n_done} completed, {len(failed)} failed. Cells are mean ± "
           "sample std over seeds (n = completed jobs in the group; '(n=k)' where a metric was "
-          "measured in fewer).", ""]
+          "measured in fewer: energy leaves out jobs resumed without their earlier segments' "
+          "totals).", ""]
     md += [markdown_table(rows) if rows else "_No completed jobs._", ""]
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()] + [""]

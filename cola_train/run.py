@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from omegaconf import OmegaConf
 
 from . import adapters, chain, distributed
 from .config import validate
-from .energy import EnergyMeter
+from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
 from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
 from .results import completed_results, write_json_atomic
@@ -102,6 +101,7 @@ def _benchmark(cfg, model, tokenizer) -> dict | None:
 def run(cfg, out: Path) -> dict:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
+    from .run_totals import RunTotals
     from .trainer import (CheckpointCompleteMarker, ColaTrainer, MetricsFileCallback,
                           ResampleCallback, StopOnNonFiniteLoss)
 
@@ -119,11 +119,13 @@ def run(cfg, out: Path) -> dict:
     report_to = _setup_logger(cfg, out)
     args = training_arguments(cfg, out, report_to)
     preemption = distributed.preemption_callback()  # SLURM: checkpoint + requeue on the signal
+    totals = RunTotals(EnergyMeter(), tokens_so_far=lambda: trainer.trained_tokens)  # trainer: next line
     trainer = ColaTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        # totals before the marker: a checkpoint marked complete holds the run's totals so far
         callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
-                   StopOnNonFiniteLoss(), CheckpointCompleteMarker(), preemption],
+                   StopOnNonFiniteLoss(), totals, CheckpointCompleteMarker(), preemption],
     )
     schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
     results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True),
@@ -140,20 +142,20 @@ def run(cfg, out: Path) -> dict:
     checkpoint = _last_checkpoint(out) if (cfg.trainer.resume or distributed.resuming(out)) else None
     resume = checkpoint is not None
     chain.resume(schedule, checkpoint)  # replay merged links first
-    meter = EnergyMeter()
-    meter.start()
-    start = time.time()
+    totals.resume_from(checkpoint)  # tokens, time and energy of the segments before this one
+    totals.start()
     train_out = trainer.train(resume_from_checkpoint=checkpoint)
-    runtime = time.time() - start
     if preemption.preempted(trainer.state):
         distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
     trainer.trained_tokens = distributed.all_sum(trainer.trained_tokens)  # every rank's tokens
-    results["energy"] = meter.stop(trainer.trained_tokens)
+    whole = totals.totals(segment_tokens=trainer.trained_tokens)  # every segment of the run
+    results["energy"] = energy_summary(whole["joules"], whole["tokens"])
     results["train"] = {"loss": distributed.mean_train_loss(trainer, train_out, resume),
                         "steps": trainer.state.global_step,
-                        "runtime_s": runtime, "tokens": trainer.trained_tokens,
-                        "tokens_per_s": trainer.trained_tokens / max(runtime, 1e-9),
-                        "resumed": bool(resume)}
+                        "runtime_s": whole["runtime_s"], "tokens": whole["tokens"],
+                        "tokens_per_s": whole["tokens"] / max(whole["runtime_s"], 1e-9),
+                        "resumed": bool(resume), "segments": whole["segments"],
+                        "counted_from_step": whole["counted_from_step"]}
     eval_after = trainer.evaluate()["eval_loss"] if val_ds else None
     if eval_before is None and val_ds and cfg.eval.before:
         eval_before = distributed.eval_loss_at_start(trainer)  # DeepSpeed: evaluated inside train()

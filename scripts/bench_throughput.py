@@ -5,6 +5,7 @@
     python scripts/bench_throughput.py --model llama3_2_3b
     python scripts/bench_throughput.py --small          # a tiny Llama on CPU, seconds (CI checks it runs)
     python scripts/bench_throughput.py --only floor "fully fused" --profile fully   # + top kernels
+    python scripts/bench_throughput.py --compile        # every variant, the floor too, regionally compiled
 
 A step is forward + backward + AdamW step on the trainable parameters. Every variant is built on
 the same frozen base (adapters are attached, timed, then the original modules are put back), so
@@ -13,6 +14,11 @@ of a PiSSA init changes values, not cost. Every variant is measured --rounds tim
 and its fastest median is kept: a shared GPU drifts between runs, the code does not. The table's
 last column, the spread between the rounds (slowest / fastest - 1), says which figures that drift
 touched. Prints a table last and writes JSON (--out).
+
+--compile: after the adapter is attached, each decoder layer is torch.compile'd on its own (regional
+compilation: one graph serves every layer, whose parameters are its inputs). The warm-up then
+includes the compilation; a row records the graphs compiled and the graph breaks, and a
+recompilation during the timed steps is printed as a warning.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -151,19 +158,54 @@ def attach(base, variant, targets):
     return adapters.attach_adapter(base, variant, targets), undo
 
 
-def attach_variant(base, name, variant, targets):
+def compile_layers(base):
+    """Regional compilation: every decoder layer of `base` replaced by torch.compile(layer). Returns
+    the undo: the plain layers back, and dynamo's caches dropped, so that the next variant compiles
+    afresh (the variants' entries would otherwise pile up on the same code objects, and past dynamo's
+    recompile limit, 8, the layers would run eagerly)."""
+    layers = base.model.layers
+    plain = list(layers)
+    torch._dynamo.reset()
+    counters.clear()
+    for i, layer in enumerate(plain):
+        layers[i] = torch.compile(layer)
+
+    def undo():
+        for i, layer in enumerate(plain):
+            layers[i] = layer
+        torch._dynamo.reset()
+
+    return undo
+
+
+def dynamo_stats() -> dict:
+    """Graphs dynamo compiled and graph breaks it met since compile_layers."""
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def attach_variant(base, name, variant, targets, compile: bool = False):
     """attach(), plus what the variant's name asks for: fp32 master weights, the fp32 adapter path,
-    autograd's own backward (the caller sets AdapterLinear.custom_backward back to True)."""
+    autograd's own backward (the caller sets AdapterLinear.custom_backward back to True); then the
+    decoder layers compiled if asked (the undo puts the plain ones back first)."""
     model, undo = attach(base, variant, targets)
     if "fp32 master weights" in name or "fp32 adapter path" in name:
         upcast_trainable(model)
     if "fp32 adapter path" in name:
         adapters.fp32_path.enable(model)
     AdapterLinear.custom_backward = "autograd backward" not in name
-    return model, undo
+    if not compile:
+        return model, undo
+    uncompile = compile_layers(base)
+
+    def undo_both():
+        uncompile()
+        undo()
+
+    return model, undo_both
 
 
-def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, optimizer: str = "fused"):
+def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, optimizer: str = "fused",
+               compiled: bool = False):
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per step, what the Trainer uses (optim=adamw_torch_fused, its default)
     fused = optimizer == "fused" and device.type == "cuda"
@@ -172,11 +214,15 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    warm = None
     for i in range(warmup + reps):
+        if compiled and i == warmup:
+            warm = dynamo_stats()
         adapters.resample(model, i, seed)
         _sync(device)
         t = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
+        # no KV cache in a training step (with one, each compiled layer would recompile for its layer_idx)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         aux = adapters.aux_loss(model)
         if aux is not None:
             loss = loss + aux
@@ -189,15 +235,21 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del opt
+    if compiled and dynamo_stats() != warm:
+        print(f"# warning: recompiled during the timed steps: {warm} -> {dynamo_stats()}", flush=True)
     return statistics.median(times), peak
 
 
 def measure(base, name, variant, targets, batch, device, args, n_params, peak) -> dict:
-    model, undo = attach_variant(base, name, variant, targets)
+    model, undo = attach_variant(base, name, variant, targets, args.compile)
     try:
-        ms, mem = time_steps(model, batch, device, args.warmup, args.reps, optimizer=args.optimizer)
+        warmup = max(args.warmup, 2) if args.compile else args.warmup   # the first step compiles
+        ms, mem = time_steps(model, batch, device, warmup, args.reps, optimizer=args.optimizer,
+                             compiled=args.compile)
         row = {"variant": name, "step_ms": ms * 1e3, "tokens_per_s": batch.numel() / ms, "peak_gib": mem,
                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        if args.compile:
+            row.update(dynamo_stats())
         flops_per_token = (6 if variant == "fft" else 4) * n_params
         row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * 1e12)
     except torch.OutOfMemoryError:
@@ -212,11 +264,11 @@ def measure(base, name, variant, targets, batch, device, args, n_params, peak) -
     return row
 
 
-def profile(base, name, variant, targets, batch, device, optimizer: str) -> None:
+def profile(base, name, variant, targets, batch, device, optimizer: str, compile: bool = False) -> None:
     """Where one step's GPU time goes: the top kernels by total CUDA time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    model, undo = attach_variant(base, name, variant, targets)
+    model, undo = attach_variant(base, name, variant, targets, compile)
     try:
         time_steps(model, batch, device, warmup=2, reps=1, optimizer=optimizer)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -248,6 +300,8 @@ def main(argv=None):
     ap.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
                     help="AdamW implementation on GPU (fused: the Trainer's default; runs 1-3 in docs/PERFORMANCE.md "
                          "used foreach)")
+    ap.add_argument("--compile", action="store_true",
+                    help="regional torch.compile: each decoder layer compiled, for every variant and the floor")
     ap.add_argument("--out", type=Path, default=Path("bench_throughput.json"))
     args = ap.parse_args(argv)
 
@@ -264,7 +318,8 @@ def main(argv=None):
     batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {shape} ({n_params/1e9:.2f} B params, {dtype}) on {gpu}; batch {args.batch}x{args.seq}; "
-          f"r=8, num_A=2, num_B=3, targets={','.join(targets)}; matmul peak {peak:.0f} TFLOP/s", flush=True)
+          f"r=8, num_A=2, num_B=3, targets={','.join(targets)}; matmul peak {peak:.0f} TFLOP/s"
+          f"{'; decoder layers compiled' if args.compile else ''}", flush=True)
 
     chosen = [(name, variant) for name, variant in VARIANTS.items()
               if not (args.only and not any(s.lower() in name.lower() for s in args.only))
@@ -287,7 +342,7 @@ def main(argv=None):
         row["spread"] = max(ms) / min(ms) - 1 if len(ms) > 1 else None
     for name, variant in chosen:
         if any(s.lower() in name.lower() for s in args.profile):
-            profile(base, name, variant, targets, batch, device, args.optimizer)
+            profile(base, name, variant, targets, batch, device, args.optimizer, args.compile)
 
     floor = next((r for r in rows if r["variant"].startswith("frozen") and "step_ms" in r), None)
     print(f"\n| variant | step ms | tokens/s | x floor | peak GiB | MFU | trainable | rounds spread |")
@@ -302,6 +357,7 @@ def main(argv=None):
         print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {x:.3f} | "
               f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} | {spread} |")
     args.out.write_text(json.dumps({"shape": shape, "device": gpu, "batch": [args.batch, args.seq],
+                                    "compile": args.compile,
                                     "peak_tflops": peak, "params": n_params, "rows": rows}, indent=2))
     return rows
 

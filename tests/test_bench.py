@@ -25,3 +25,24 @@ def test_bench_small_runs_every_variant(tmp_path, capsys):
     for r in rows:  # best of the rounds, and how far apart they were
         assert r["step_ms"] == min(r["round_ms"])
         assert r["spread"] == (max(r["round_ms"]) / min(r["round_ms"]) - 1 if len(r["round_ms"]) > 1 else None)
+
+
+def test_bench_compile_undo_leaves_the_plain_layers():
+    """--compile wraps every decoder layer per variant; the undo must hand the next variant the plain,
+    un-adapted layers (torch.compile is lazy: nothing is compiled here)."""
+    import torch
+
+    from cola_train.adapters import AdapterLinear
+
+    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = bench.build_base("small", torch.device("cpu"), torch.float32)
+    plain = list(base.model.layers)
+    name = "CoLA heuristic fused"
+    model, undo = bench.attach_variant(base, name, bench.VARIANTS[name], bench.DEFAULT_TARGETS["llama"], compile=True)
+    assert all(isinstance(layer, torch._dynamo.eval_frame.OptimizedModule) for layer in base.model.layers)
+    assert any(isinstance(m, AdapterLinear) for m in base.modules())
+    undo()
+    assert all(now is was for now, was in zip(base.model.layers, plain)) and len(base.model.layers) == len(plain)
+    assert not any(isinstance(m, (AdapterLinear, torch._dynamo.eval_frame.OptimizedModule)) for m in base.modules())

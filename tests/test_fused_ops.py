@@ -305,6 +305,6 @@ def test_routed_mlps_survive_deepcopy_and_pickle():
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-            mlps = [m for m in clone.modules() if isinstance(m.__dict__.get("forward"), gated_mlp.GatedForward)]
-            assert len(mlps) == 2 and all(m.forward.mlp is m for m in mlps)   # bound to the copy
+            mlps = [m for m in clone.modules() if gated_mlp.routing(m) is not None]
+            assert len(mlps) == 2 and all(gated_mlp.routing(m).mlp is m for m in mlps)   # bound to the copy
             torch.testing.assert_close(clone(input_ids=ids).logits, expected)

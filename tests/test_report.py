@@ -188,3 +188,26 @@ def test_a_swept_hyper_parameter_splits_its_cells(tmp_path):
     assert "| model | method | settings | domain |" in md
     assert "| tiny_llama | lora | lr=0.0005 | math | 100 | 1 |" in md
     assert "alpha" not in md
+
+
+def test_energy_leaves_out_jobs_that_counted_only_their_last_segment(tmp_path):
+    """A job resumed without its earlier segments' totals reports too little energy: it is not
+    averaged into the energy column, while its tokens/s (a rate) still is."""
+    root = tmp_path / "multirun"
+    trains = [{"resumed": False, "counted_from_step": 0, "segments": 1},     # whole run
+              {"resumed": True, "counted_from_step": 0, "segments": 2},      # resumed, totals carried
+              {"resumed": True, "counted_from_step": 40, "segments": None},  # resumed, counted from 40
+              {"resumed": True},                                             # written before totals
+              {"resumed": False}]                                            # ditto, never resumed
+    joules = [100.0, 120.0, 30.0, 20.0, 110.0]
+    for i, (train, j) in enumerate(zip(trains, joules)):
+        _job(root, i, "lora", 100, i + 1, results={
+            "status": "completed", "n_train_samples": 100,
+            "config": {"model": {"name": "tiny_llama"}, "method": {"name": "lora"},
+                       "data": {"domain": "math", "max_samples": 100}, "seed": i + 1},
+            "train": {**train, "tokens_per_s": 1000.0 + i}, "eval": {"loss": 1.0},
+            "energy": {"joules": j, "joules_per_token": 0.1}})
+    (row,) = summarize(find_jobs(root))
+    assert row["energy_j"]["n"] == 3 and row["energy_j"]["mean"] == pytest.approx(110.0)
+    assert row["tokens_per_s"]["n"] == 5
+    assert "110 ± 10 (n=3)" in write_report(root)["markdown"].read_text()

@@ -56,6 +56,24 @@ def test_resume_continues_and_matches_uninterrupted(data_root, tmp_path):
              if "loss" in json.loads(l)]
     assert steps[0] == 5                                      # continued, not restarted
     assert resumed["eval"]["loss"] == pytest.approx(full["eval"]["loss"], rel=1e-5, abs=1e-6)
+    # the totals cover both segments: the same tokens as one uninterrupted run
+    assert full["train"]["segments"] == 1 and resumed["train"]["segments"] == 2
+    assert resumed["train"]["tokens"] == full["train"]["tokens"] > 0
+    assert resumed["train"]["counted_from_step"] == 0
+    carried = json.loads((part / "checkpoints" / "checkpoint-4" / "run_totals.json").read_text())
+    assert 0 < carried["tokens"] < full["train"]["tokens"] and carried["step"] == 4
+    assert resumed["train"]["runtime_s"] > carried["runtime_s"]
+    assert resumed["energy"] is None                          # no NVIDIA GPU here: absent, not 0
+
+    # a checkpoint from before the totals existed: the run says where its counting starts
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "full", old)
+    shutil.rmtree(old / "checkpoints" / "checkpoint-8")
+    for name in ("results.json", "metrics.jsonl", "checkpoints/checkpoint-4/run_totals.json"):
+        (old / name).unlink()
+    partial = _run(common + ["trainer.resume=true"], old)
+    assert partial["train"]["counted_from_step"] == 4 and partial["train"]["segments"] is None
+    assert partial["train"]["tokens"] == full["train"]["tokens"] - carried["tokens"]
 
 
 def test_resume_of_a_completed_run_leaves_it_as_it_is(data_root, tmp_path, caplog):

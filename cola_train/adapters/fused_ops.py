@@ -169,14 +169,30 @@ class GatedLowRankMLP(torch.autograd.Function):
         return dgate, dup, None, None, dA, dB, None, None
 
 
+def _apply(fn, *args, p: float):
+    """fn.apply(*args, p, seed). With dropout under torch.compile, the whole function runs outside the
+    graph: the mask's seeded torch.Generator cannot be traced. That is one graph break per call,
+    with eager's seeds and masks, and no recompilation per seed."""
+    if not p:
+        return fn.apply(*args, 0.0, 0)
+    if torch.compiler.is_compiling():
+        return _apply_eagerly(fn, *args, p=p)
+    return fn.apply(*args, p, new_seed())
+
+
+@torch.compiler.disable
+def _apply_eagerly(fn, *args, p: float):
+    return fn.apply(*args, p, new_seed())
+
+
 def low_rank_linear(base: nn.Linear, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                     p: float = 0.0) -> torch.Tensor:
-    return LowRankLinear.apply(x, base.weight, base.bias, A, B, p, new_seed() if p else 0)
+    return _apply(LowRankLinear, x, base.weight, base.bias, A, B, p=p)
 
 
 def gated_low_rank_mlp(base: nn.Linear, gate: torch.Tensor, up: torch.Tensor,
                        A: torch.Tensor, B: torch.Tensor, p: float = 0.0) -> torch.Tensor:
-    return GatedLowRankMLP.apply(gate, up, base.weight, base.bias, A, B, p, new_seed() if p else 0)
+    return _apply(GatedLowRankMLP, gate, up, base.weight, base.bias, A, B, p=p)
 
 
 class RoutedLowRankLinear(torch.autograd.Function):
@@ -237,4 +253,4 @@ class RoutedLowRankLinear(torch.autograd.Function):
 def routed_low_rank_linear(base: nn.Linear, x: torch.Tensor, R: torch.Tensor, A: torch.Tensor,
                            B: torch.Tensor, r: int, p: float = 0.0):
     """(out, probs); see RoutedLowRankLinear."""
-    return RoutedLowRankLinear.apply(x, base.weight, base.bias, R, A, B, r, p, new_seed() if p else 0)
+    return _apply(RoutedLowRankLinear, x, base.weight, base.bias, R, A, B, r, p=p)

@@ -23,7 +23,11 @@ def _takes_gated_input(module: nn.Module) -> bool:
 
 
 class GatedForward:
-    """The instance forward of a routed MLP: a picklable object (a bound function would not be)."""
+    """A routed MLP's instance forward is this object's bound __call__: picklable (a function bound to the
+    MLP would not be), and torch.compile guards a patched forward that is a bound method by its
+    function's code, the same in every layer. The object itself would be guarded by identity: a
+    compiled decoder layer would recompile for each layer, and past dynamo's recompile limit (8)
+    run eagerly."""
 
     def __init__(self, mlp: nn.Module):
         self.mlp = mlp
@@ -41,12 +45,18 @@ def install(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if is_gated_silu_mlp(module) and _takes_gated_input(module.down_proj):
-            module.forward = GatedForward(module)
+            module.forward = GatedForward(module).__call__
             count += 1
     return count
 
 
+def routing(module: nn.Module):
+    """The GatedForward that install() routed module through, or None."""
+    found = getattr(module.__dict__.get("forward"), "__self__", None)
+    return found if isinstance(found, GatedForward) else None
+
+
 def uninstall(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), GatedForward):
+        if routing(module) is not None:
             del module.forward
