@@ -100,6 +100,7 @@ class TrainerConfig:
     precision: str = "auto"                    # auto | bf16 | fp16 | fp32
     master_weights: bool = True                # bf16/fp16 without DeepSpeed: fp32 trainable weights
     fp32_adapter_path: bool = False            # bf16/fp16: the adapters' low-rank path in fp32 (fp32_path.py)
+    compile: bool = False                      # torch.compile each transformer block (regional_compile.py)
     logging_steps: int = 10
     eval_steps: int = 0                        # 0: evaluate at the end only
     save_steps: int = 0                        # 0: save at the end only
@@ -192,6 +193,8 @@ def validate(cfg) -> None:
         raise ConfigError("trainer.fp32_adapter_path=true needs fp32 adapter weights in the model: "
                           f"trainer.master_weights=true and deepspeed=none (got master_weights="
                           f"{str(t.master_weights).lower()}, deepspeed={cfg.deepspeed.name})")
+    if t.compile and cfg.deepspeed.name != "none":
+        raise ConfigError(f"trainer.compile=true runs without DeepSpeed only (got deepspeed={cfg.deepspeed.name})")
     if m.kind != "none":
         for key in ("r", "num_A", "num_B"):
             if getattr(m, key) < 1:

@@ -15,6 +15,7 @@ from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
 from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
+from .regional_compile import compile_blocks
 from .results import completed_results, write_json_atomic
 
 log = logging.getLogger("cola_train")
@@ -81,6 +82,8 @@ def build_model(cfg):
         log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))
         if cfg.trainer.fp32_adapter_path:
             log.info("fp32 low-rank path: %d adapted layers", adapters.fp32_path.enable(model))
+    if cfg.trainer.compile:
+        log.info("torch.compile: %d blocks, in place", compile_blocks(model))
     return tokenizer, model
 
 

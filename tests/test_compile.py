@@ -110,3 +110,41 @@ def test_dropout_runs_eagerly_with_eager_masks():
     assert counter.frame_count == frames
     breaks = list(counters["graph_break"])
     assert breaks and all(fused_ops._apply_eagerly.__name__ in reason for reason in breaks), breaks
+
+
+@pytest.mark.parametrize("method", ["cola_heuristic", "lora"])
+def test_a_run_with_trainer_compile_matches_eager(data_root, tmp_path, method):
+    """trainer.compile=true, the whole run (Trainer, save): the losses of the eager run, and the same
+    adapter file, parameter for parameter. CoLA keeps its config's dropout (0.05: eager masks, see
+    above); PEFT's nn.Dropout would draw its masks from inductor's RNG under compile, so not the
+    eager ones: its case runs without dropout."""
+    from safetensors.torch import load_file
+
+    from conftest import TINY, compose
+    from cola_train.run import run
+
+    common = TINY + [f"method={method}", "trainer.max_steps=4", "eval=none"]
+    if method == "lora":
+        common.append("method.dropout=0")
+    eager = run(compose(common), tmp_path / "eager")
+    assert not counters["stats"]["unique_graphs"]
+    compiled = run(compose(common + ["trainer.compile=true"]), tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] >= 1   # the blocks did run compiled
+    assert compiled["status"] == "completed" and compiled["train"]["steps"] == 4
+    assert compiled["train"]["loss"] == pytest.approx(eager["train"]["loss"], rel=1e-4)
+    assert compiled["eval"]["loss"] == pytest.approx(eager["eval"]["loss"], rel=1e-4)
+    files = sorted(p.relative_to(tmp_path / "eager") for p in (tmp_path / "eager" / "adapter").rglob("*.safetensors"))
+    assert files
+    for f in files:
+        a, b = load_file(tmp_path / "eager" / f), load_file(tmp_path / "compiled" / f)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_model_without_a_block_class_is_refused_in_one_line():
+    from cola_train.config import ConfigError
+    from cola_train.regional_compile import compile_blocks
+
+    with pytest.raises(ConfigError, match=r"^trainer.compile=true: Sequential lists no repeated block class"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -1,0 +1,39 @@
+"""trainer.compile: torch.compile each transformer block in place (regional compilation).
+
+Why: an adapter adds many small launches per layer (rank-r GEMMs, casts, the combiner), and on a
+fast GPU the CPU can fall behind launching them (docs/PERFORMANCE.md, run 6). One compiled graph,
+shared by every block of the same class, launches fewer and fused kernels. In place
+(`module.compile()`), so the model keeps its structure: parameter names, checkpoints and adapter
+files are those of the eager model. Blocks are the classes the model lists in `_no_split_modules`
+(transformers' own "repeated block" list, e.g. LlamaDecoderLayer). A training forward then builds
+no KV cache: with one, every block's graph would be specialised to its layer index (an FFT run's
+saved config then says use_cache=false; set it back for generation).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .config import ConfigError
+
+
+def block_classes(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """Compile every block in place; returns how many. Raises if the model names no block class."""
+    names = block_classes(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(f"trainer.compile=true: {type(model).__name__} lists no repeated block class "
+                          "(_no_split_modules) to compile")
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
+    for block in blocks:
+        block.compile()
+    return len(blocks)
