@@ -15,8 +15,9 @@ and its fastest median is kept: a shared GPU drifts between runs, the code does 
 last column, the spread between the rounds (slowest / fastest - 1), says which figures that drift
 touched. Prints a table last and writes JSON (--out).
 
---compile: after the adapter is attached, each decoder layer is torch.compile'd on its own (regional
-compilation: one graph serves every layer, whose parameters are its inputs). The warm-up then
+--compile: after the adapter is attached, each decoder layer is torch.compile'd in place, as
+`trainer.compile=true` does (regional compilation: one graph serves every layer, whose parameters
+are its inputs). The warm-up then
 includes the compilation; a row records the graphs compiled and the graph breaks, and a
 recompilation during the timed steps is printed as a warning.
 """
@@ -39,6 +40,7 @@ from cola_train import adapters  # noqa: E402
 from cola_train.adapters import AdapterLinear, gated_mlp  # noqa: E402
 from cola_train.config import MethodConfig  # noqa: E402
 from cola_train.models import DEFAULT_TARGETS, upcast_trainable  # noqa: E402
+from cola_train.regional_compile import compile_blocks  # noqa: E402
 
 SHAPES = {
     "llama3_1_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -159,20 +161,18 @@ def attach(base, variant, targets):
 
 
 def compile_layers(base):
-    """Regional compilation: every decoder layer of `base` replaced by torch.compile(layer). Returns
-    the undo: the plain layers back, and dynamo's caches dropped, so that the next variant compiles
-    afresh (the variants' entries would otherwise pile up on the same code objects, and past dynamo's
-    recompile limit, 8, the layers would run eagerly)."""
-    layers = base.model.layers
-    plain = list(layers)
+    """Regional compilation as `trainer.compile=true` does it (cola_train/regional_compile.py): every
+    decoder layer compiled in place. Returns the undo: the layers eager again, and dynamo's caches
+    dropped, so that the next variant compiles afresh (the variants' entries would otherwise pile up
+    on the same code objects, and past dynamo's recompile limit, 8, the layers would run eagerly)."""
     torch._dynamo.reset()
     counters.clear()
-    for i, layer in enumerate(plain):
-        layers[i] = torch.compile(layer)
+    compile_blocks(base)
+    blocks = [m for m in base.modules() if getattr(m, "_compiled_call_impl", None) is not None]
 
     def undo():
-        for i, layer in enumerate(plain):
-            layers[i] = layer
+        for block in blocks:
+            block._compiled_call_impl = None   # what nn.Module.compile() set: eager again
         torch._dynamo.reset()
 
     return undo
