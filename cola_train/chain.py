@@ -541,12 +541,12 @@ class ChainSchedule(TrainerCallback):
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from .trainer import saved_checkpoint
 
         if not state.is_world_process_zero:
             return control
-        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if directory.is_dir():
+        directory = saved_checkpoint(args, state)
+        if directory is not None:
             self.save_state(directory, state.global_step)
         return control
 

@@ -23,8 +23,8 @@ def block_classes(model: nn.Module) -> set[str]:
     return names
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile every block in place; returns how many. Raises if the model names no block class."""
+def compile_blocks(model: nn.Module) -> list[nn.Module]:
+    """Compile every block in place; returns them. Raises if the model names no block class."""
     names = block_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
@@ -36,4 +36,4 @@ def compile_blocks(model: nn.Module) -> int:
             config.use_cache = False
     for block in blocks:
         block.compile()
-    return len(blocks)
+    return blocks

@@ -83,7 +83,7 @@ def build_model(cfg):
         if cfg.trainer.fp32_adapter_path:
             log.info("fp32 low-rank path: %d adapted layers", adapters.fp32_path.enable(model))
     if cfg.trainer.compile:
-        log.info("torch.compile: %d blocks, in place", compile_blocks(model))
+        log.info("torch.compile: %d blocks, in place", len(compile_blocks(model)))
     return tokenizer, model
 
 
@@ -150,8 +150,7 @@ def run(cfg, out: Path) -> dict:
     train_out = trainer.train(resume_from_checkpoint=checkpoint)
     if preemption.preempted(trainer.state):
         distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
-    trainer.trained_tokens = distributed.all_sum(trainer.trained_tokens)  # every rank's tokens
-    whole = totals.totals(segment_tokens=trainer.trained_tokens)  # every segment of the run
+    whole = totals.totals()  # every segment of the run, every rank's tokens
     results["energy"] = energy_summary(whole["joules"], whole["tokens"])
     results["train"] = {"loss": distributed.mean_train_loss(trainer, train_out, resume),
                         "steps": trainer.state.global_step,

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from .distributed import all_sum
 from .energy import EnergyMeter
 from .results import write_json_atomic
+from .trainer import saved_checkpoint
 
 FILE = "run_totals.json"
 
@@ -46,10 +47,9 @@ class RunTotals(TrainerCallback):
         self.meter.start()
         self.start_time = time.time()
 
-    def totals(self, segment_tokens: Optional[int] = None) -> dict:
-        """Carried + this segment. A collective under torch.distributed: call it on every rank.
-        segment_tokens: already summed over ranks (else read and summed here)."""
-        tokens = all_sum(self.tokens_so_far()) if segment_tokens is None else segment_tokens
+    def totals(self) -> dict:
+        """Carried + this segment. A collective under torch.distributed: call it on every rank."""
+        tokens = all_sum(self.tokens_so_far())
         joules = self.meter.joules()
         carried = self.carried
         return {
@@ -63,7 +63,6 @@ class RunTotals(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         totals = self.totals()  # every rank: the sums are collectives
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                write_json_atomic(folder / FILE, {"step": state.global_step, **totals})
+        folder = saved_checkpoint(args, state) if state.is_world_process_zero else None
+        if folder is not None:
+            write_json_atomic(folder / FILE, {"step": state.global_step, **totals})

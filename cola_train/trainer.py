@@ -79,6 +79,16 @@ class StopOnNonFiniteLoss(TrainerCallback):
 COMPLETE = "CHECKPOINT_COMPLETE"
 
 
+def saved_checkpoint(args, state):
+    """The folder the Trainer has just written for this step (in on_save), or None if there is none."""
+    from pathlib import Path
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    return folder if folder.is_dir() else None
+
+
 class CheckpointCompleteMarker(TrainerCallback):
     """Mark a checkpoint folder complete once the Trainer has written all of it (on_save runs
     after the save). The Trainer writes checkpoints in place, so a kill mid-save leaves a folder
@@ -86,12 +96,10 @@ class CheckpointCompleteMarker(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            from pathlib import Path
-
             from .results import write_json_atomic
 
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
+            folder = saved_checkpoint(args, state)
+            if folder is not None:
                 write_json_atomic(folder / COMPLETE, {"step": state.global_step})
 
 

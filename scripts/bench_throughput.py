@@ -167,8 +167,7 @@ def compile_layers(base):
     on the same code objects, and past dynamo's recompile limit, 8, the layers would run eagerly)."""
     torch._dynamo.reset()
     counters.clear()
-    compile_blocks(base)
-    blocks = [m for m in base.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    blocks = compile_blocks(base)
 
     def undo():
         for block in blocks:

@@ -43,10 +43,10 @@ def test_three_segments_add_up(tmp_path):
     second.start()
     ckpt = _save(second, tmp_path, 7)
 
-    third = RunTotals(Meter(12.5), tokens_so_far=lambda: 0)
+    third = RunTotals(Meter(12.5), tokens_so_far=lambda: 10)
     third.resume_from(str(ckpt))
     third.start()
-    run = third.totals(segment_tokens=10)
+    run = third.totals()
     assert run["tokens"] == 40 + 25 + 10 and run["joules"] == pytest.approx(142.5)
     assert run["segments"] == 3 and run["counted_from_step"] == 0
     assert run["runtime_s"] >= saved["runtime_s"]
