@@ -15,9 +15,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
     from .eval import EvalDataError
-    from .trainer import NonFiniteLossError
+    from .trainer import NoGradientError, NonFiniteLossError
 
-    return (ConfigError, DataError, AdapterError, NonFiniteLossError, EvalDataError)
+    return (ConfigError, DataError, AdapterError, NonFiniteLossError, NoGradientError, EvalDataError)
 
 
 def run_guarded(fn, out: Path | None = None, exit_on_error: bool = True):

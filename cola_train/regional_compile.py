@@ -7,10 +7,14 @@ shared by every block of the same class, launches fewer and fused kernels. In pl
 files are those of the eager model. Blocks are the classes the model lists in `_no_split_modules`
 (transformers' own "repeated block" list, e.g. LlamaDecoderLayer). A training forward then builds
 no KV cache: with one, every block's graph would be specialised to its layer index (an FFT run's
-saved config then says use_cache=false; set it back for generation).
+saved config then says use_cache=false; set it back for generation). Random ops in the graphs
+(the adapters' dropout seeds, PEFT's nn.Dropout) draw from torch's generators as in eager mode
+(inductor's fallback_random), so a compiled run draws eager's masks.
 """
 from __future__ import annotations
 
+import torch
+import torch._inductor.config
 from torch import nn
 
 from .config import ConfigError
@@ -23,7 +27,7 @@ def block_classes(model: nn.Module) -> set[str]:
     return names
 
 
-def compile_blocks(model: nn.Module) -> list[nn.Module]:
+def compile_blocks(model: nn.Module, backend="inductor") -> list[nn.Module]:
     """Compile every block in place; returns them. Raises if the model names no block class."""
     names = block_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
@@ -34,6 +38,7 @@ def compile_blocks(model: nn.Module) -> list[nn.Module]:
         config = getattr(module, "config", None)
         if getattr(config, "use_cache", False):
             config.use_cache = False
+    torch._inductor.config.fallback_random = True
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
     return blocks

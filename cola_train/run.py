@@ -106,7 +106,7 @@ def run(cfg, out: Path) -> dict:
 
     from .run_totals import RunTotals
     from .trainer import (CheckpointCompleteMarker, ColaTrainer, MetricsFileCallback,
-                          ResampleCallback, StopOnNonFiniteLoss)
+                          ResampleCallback, StopOnNonFiniteLoss, StopWithoutGradient)
 
     validate(cfg)
     done = completed_results(out) if cfg.trainer.resume else None
@@ -122,13 +122,14 @@ def run(cfg, out: Path) -> dict:
     report_to = _setup_logger(cfg, out)
     args = training_arguments(cfg, out, report_to)
     preemption = distributed.preemption_callback()  # SLURM: checkpoint + requeue on the signal
+    no_gradient = [] if distributed.deepspeed_enabled(cfg) else [StopWithoutGradient()]
     totals = RunTotals(EnergyMeter(), tokens_so_far=lambda: trainer.trained_tokens)  # trainer: next line
     trainer = ColaTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         # totals before the marker: a checkpoint marked complete holds the run's totals so far
         callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
-                   StopOnNonFiniteLoss(), totals, CheckpointCompleteMarker(), preemption],
+                   StopOnNonFiniteLoss(), *no_gradient, totals, CheckpointCompleteMarker(), preemption],
     )
     schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
     results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True),

@@ -76,6 +76,23 @@ class StopOnNonFiniteLoss(TrainerCallback):
                                      "the last good checkpoint is kept")
 
 
+class NoGradientError(RuntimeError):
+    pass
+
+
+class StopWithoutGradient(TrainerCallback):
+    """A logged gradient norm of exactly 0 ends the run: no gradient reaches the trainable weights,
+    so every further step would leave the model as it is (a compiled GPU run once trained that way
+    for its whole budget: docs/PERFORMANCE.md, run 7). Not used under DeepSpeed, whose fp16 loss
+    scaling skips its first steps."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        norm = (logs or {}).get("grad_norm")
+        if norm is not None and norm == 0.0:
+            raise NoGradientError(f"grad_norm was 0 at step {state.global_step}: no gradient reaches the "
+                                  "trainable parameters, so training would not change the model")
+
+
 COMPLETE = "CHECKPOINT_COMPLETE"
 
 

@@ -11,9 +11,11 @@ A step is forward + backward + AdamW step on the trainable parameters. Every var
 the same frozen base (adapters are attached, timed, then the original modules are put back), so
 the ratios within one run compare like with like. Adapters use the lora init (zero B): the SVD
 of a PiSSA init changes values, not cost. Every variant is measured --rounds times, interleaved,
-and its fastest median is kept: a shared GPU drifts between runs, the code does not. The table's
-last column, the spread between the rounds (slowest / fastest - 1), says which figures that drift
-touched. Prints a table last and writes JSON (--out).
+and its fastest median is kept: a shared GPU drifts between runs, the code does not. The column
+"rounds spread" (slowest / fastest - 1) says which figures that drift touched. The last column,
+the first step's gradient norm, is the same for a variant compiled and eager, and 0 where no
+gradient reaches the trainable weights (a step that trains nothing can be fast). Prints a table
+last and writes JSON (--out).
 
 --compile: after the adapter is attached, each decoder layer is torch.compile'd in place, as
 `trainer.compile=true` does (regional compilation: one graph serves every layer, whose parameters
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -87,6 +90,11 @@ VARIANTS = {
     "HydraLoRA (n=3), fp32 adapter path": MethodConfig(name="hydralora", kind="hydralora", num_A=1, num_B=3,
                                                        r=8, alpha=16, dropout=0.0),
     "PEFT LoRA, fp32 adapter path": MethodConfig(name="lora", kind="peft", r=8, alpha=16, dropout=0.0),
+    # the method configs' dropout (the papers' 0.05): seeded masks, redrawn in backward (fused_ops)
+    "ours LoRA (m=n=1), dropout 0.05": MethodConfig(name="lora1", **{**COLA, "num_A": 1, "num_B": 1,
+                                                                     "dropout": 0.05}),
+    "CoLA heuristic fused, dropout 0.05": MethodConfig(name="cola_heuristic", strategy="heuristic",
+                                                       impl="fused", **{**COLA, "dropout": 0.05}),
     "FFT": "fft",
 }
 
@@ -147,6 +155,7 @@ def attach(base, variant, targets):
             if attr in base.__dict__:
                 delattr(base, attr)
 
+    torch.manual_seed(0)   # every variant's factors drawn alike: equal first-step gradients where the maths is
     if variant is None:
         return base, undo
     if variant == "fft":
@@ -208,7 +217,8 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per step, what the Trainer uses (optim=adamw_torch_fused, its default)
     fused = optimizer == "fused" and device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=fused, foreach=not fused) if params else None
+    # lr 0: the same kernels, but FFT leaves the shared base as it was for the next variant and round
+    opt = torch.optim.AdamW(params, lr=0.0, fused=fused, foreach=not fused) if params else None
     model.train()
     times = []
     if device.type == "cuda":
@@ -226,6 +236,8 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
         if aux is not None:
             loss = loss + aux
         loss.backward()
+        if i == 0:
+            first_grad_norm = grad_norm(params)
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -236,17 +248,28 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
     del opt
     if compiled and dynamo_stats() != warm:
         print(f"# warning: recompiled during the timed steps: {warm} -> {dynamo_stats()}", flush=True)
-    return statistics.median(times), peak
+    return statistics.median(times), peak, first_grad_norm
+
+
+def grad_norm(params) -> float | None:
+    """The first step's gradient norm: the same for a variant compiled and eager (same weights, same
+    batch), and 0 only where no gradient reaches the trainable weights (a broken graph runs fast)."""
+    grads = [p.grad.float().norm() for p in params if p.grad is not None]
+    if not params:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
 
 def measure(base, name, variant, targets, batch, device, args, n_params, peak) -> dict:
     model, undo = attach_variant(base, name, variant, targets, args.compile)
     try:
         warmup = max(args.warmup, 2) if args.compile else args.warmup   # the first step compiles
-        ms, mem = time_steps(model, batch, device, warmup, args.reps, optimizer=args.optimizer,
-                             compiled=args.compile)
+        ms, mem, norm = time_steps(model, batch, device, warmup, args.reps, optimizer=args.optimizer,
+                                   compiled=args.compile)
         row = {"variant": name, "step_ms": ms * 1e3, "tokens_per_s": batch.numel() / ms, "peak_gib": mem,
-               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "grad_norm": norm}
+        if norm == 0.0 or (norm is not None and not math.isfinite(norm)):
+            print(f"# warning: {name}: first-step gradient norm {norm}: this variant does not train", flush=True)
         if args.compile:
             row.update(dynamo_stats())
         flops_per_token = (6 if variant == "fft" else 4) * n_params
@@ -344,17 +367,18 @@ def main(argv=None):
             profile(base, name, variant, targets, batch, device, args.optimizer, args.compile)
 
     floor = next((r for r in rows if r["variant"].startswith("frozen") and "step_ms" in r), None)
-    print(f"\n| variant | step ms | tokens/s | x floor | peak GiB | MFU | trainable | rounds spread |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| variant | step ms | tokens/s | x floor | peak GiB | MFU | trainable | rounds spread | grad norm |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['variant']} | {r['error']} | | | | | | |")
+            print(f"| {r['variant']} | {r['error']} | | | | | | | |")
             continue
         x = r["step_ms"] / floor["step_ms"] if floor else float("nan")
         r["x_floor"] = x
         spread = "—" if r["spread"] is None else f"{r['spread']:.1%}"
+        norm = "—" if r.get("grad_norm") is None else f"{r['grad_norm']:.4g}"
         print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {x:.3f} | "
-              f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} | {spread} |")
+              f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} | {spread} | {norm} |")
     args.out.write_text(json.dumps({"shape": shape, "device": gpu, "batch": [args.batch, args.seq],
                                     "compile": args.compile,
                                     "peak_tflops": peak, "params": n_params, "rows": rows}, indent=2))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_throughput.py"
@@ -22,6 +24,12 @@ def test_bench_small_runs_every_variant(tmp_path, capsys):
     assert trainable["CoLA fully fused"] == trainable["CoLA fully per-pair loop"]
     assert json.loads(out.read_text())["rows"][0]["variant"] == "frozen base (floor)"
     assert "| variant | step ms |" in capsys.readouterr().out
+    norms = {r["variant"]: r["grad_norm"] for r in rows}
+    assert norms.pop("frozen base (floor)") is None
+    assert all(n > 0 for n in norms.values()), norms   # every variant trains
+    # the same weights and batch: the fused path and its autograd twin, the paths of the same maths
+    assert norms["CoLA fully fused"] == pytest.approx(norms["CoLA fully fused, autograd backward"], rel=1e-3)
+    assert norms["CoLA fully fused"] == pytest.approx(norms["CoLA fully per-pair loop"], rel=1e-2)
     for r in rows:  # best of the rounds, and how far apart they were
         assert r["step_ms"] == min(r["round_ms"])
         assert r["spread"] == (max(r["round_ms"]) / min(r["round_ms"]) - 1 if len(r["round_ms"]) > 1 else None)

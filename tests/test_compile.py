@@ -1,6 +1,6 @@
 """Regional torch.compile (each decoder layer compiled on its own) against eager mode: the same loss and
 gradients after a step, one graph for every layer (no graph break, no recompilation per layer or per
-step), CoLA random's resample still taking effect, and dropout falling back to eager masks."""
+step), CoLA random's resample still taking effect, and dropout traced with eager's masks."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +9,9 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from cola_train.adapters import attach_adapter, aux_loss, fused_ops, resample
+from cola_train.adapters import attach_adapter, aux_loss, resample
 from cola_train.config import MethodConfig
+from cola_train.regional_compile import compile_blocks
 from test_fused_ops import ROUTED, TARGETS, _cola, _llama
 
 
@@ -52,8 +53,7 @@ def _step(model, ids, step: int = 0, seed: int = 0):
 
 def _compile_layers(model, backend: str = "inductor") -> CompileCounterWithBackend:
     counter = CompileCounterWithBackend(backend)
-    for layer in model.model.layers:
-        layer.compile(backend=counter)
+    assert compile_blocks(model, backend=counter) == list(model.model.layers)
     return counter
 
 
@@ -97,35 +97,32 @@ def test_resample_takes_effect_under_compile():
     assert counter.frame_count == 1
 
 
-def test_dropout_runs_eagerly_with_eager_masks():
-    """Dropout's seeded generator cannot be traced: each adapted linear breaks the graph and runs eagerly,
-    with the masks of eager mode; a new seed each step compiles nothing new."""
-    model = _adapted("cola_heuristic", dropout=0.1)
+@pytest.mark.parametrize("method", ["cola_heuristic", "hydralora"])
+def test_dropout_is_traced_with_eager_masks(method):
+    """The fused functions' dropout (a hash of a seed tensor, seeded_dropout) traces: one graph, no
+    break, the masks of eager mode; a new seed each step compiles nothing new."""
+    model = _adapted(method, dropout=0.1)
     ref = [_step(model, IDS, seed=seed) for seed in (0, 1)]
     assert ref[0][0] != ref[1][0]   # other masks
     counter = _compile_layers(model, "aot_eager")
     _assert_same(_step(model, IDS, seed=0), ref[0])
     frames = counter.frame_count
     _assert_same(_step(model, IDS, seed=1), ref[1])
-    assert counter.frame_count == frames
-    breaks = list(counters["graph_break"])
-    assert breaks and all(fused_ops._apply_eagerly.__name__ in reason for reason in breaks), breaks
+    assert counter.frame_count == frames == 1
+    assert not counters["graph_break"]
 
 
 @pytest.mark.parametrize("method", ["cola_heuristic", "lora"])
 def test_a_run_with_trainer_compile_matches_eager(data_root, tmp_path, method):
     """trainer.compile=true, the whole run (Trainer, save): the losses of the eager run, and the same
-    adapter file, parameter for parameter. CoLA keeps its config's dropout (0.05: eager masks, see
-    above); PEFT's nn.Dropout would draw its masks from inductor's RNG under compile, so not the
-    eager ones: its case runs without dropout."""
+    adapter file, parameter for parameter. Both keep their configs' dropout (0.05): CoLA's seeds and
+    PEFT's nn.Dropout draw from torch's generator, as in eager mode (inductor's fallback_random)."""
     from safetensors.torch import load_file
 
     from conftest import TINY, compose
     from cola_train.run import run
 
     common = TINY + [f"method={method}", "trainer.max_steps=4", "eval=none"]
-    if method == "lora":
-        common.append("method.dropout=0")
     eager = run(compose(common), tmp_path / "eager")
     assert not counters["stats"]["unique_graphs"]
     compiled = run(compose(common + ["trainer.compile=true"]), tmp_path / "compiled")

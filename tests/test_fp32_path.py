@@ -9,7 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cola_train import chain
-from cola_train.adapters import AdapterLinear, attach_adapter, fp32_path, fused_ops, resample
+from cola_train.adapters import AdapterLinear, attach_adapter, fp32_path, fused_ops, resample, seeded_dropout
 from cola_train.adapters.spec import AdapterError
 from cola_train.config import MethodConfig
 from cola_train.models import upcast_trainable
@@ -194,8 +194,7 @@ def test_fused_functions_with_fp32_factors_and_dropout(gated):
 
     def reference():
         h = torch.nn.functional.silu(a) * u if gated else a
-        mask = fused_ops.dropout_mask(h, p, seed)
-        update = ((h * mask).float() @ A.t()) @ B.t()
+        update = ((h.float() * seeded_dropout.dropout_mask(h.float(), p, seed)) @ A.t()) @ B.t()
         return (h @ W.t()).float() + update
 
     results = []

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cola_train.adapters import (AdapterLinear, CoLALinear, attach_adapter, aux_loss, gated_mlp, merged_model,
                                  resample)
-from cola_train.adapters import fused_ops
+from cola_train.adapters import fused_ops, seeded_dropout
 from cola_train.config import MethodConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -26,7 +26,7 @@ def _frozen_linear(d_in, d_out, bias, dtype=torch.float64):
 
 def _ref_linear(x, weight, bias, A, B, p, seed):
     """The same maths in plain autograd ops (the reference for the hand-written backward)."""
-    xa = x * fused_ops.dropout_mask(x, p, seed) if p else x
+    xa = x * seeded_dropout.dropout_mask(x, p, seed) if p else x
     return F.linear(x, weight, bias) + xa @ A.t() @ B.t()
 
 
@@ -66,7 +66,7 @@ def test_gated_mlp_gradcheck(bias, p):
 
 def _ref_routed(x, weight, bias, R, A, B, r, p, seed):
     probs = torch.softmax(x @ R.t(), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-    xa = x * fused_ops.dropout_mask(x, p, seed) if p else x
+    xa = x * seeded_dropout.dropout_mask(x, p, seed) if p else x
     h = (xa @ A.t()).view(x.shape[0], -1, r)
     return F.linear(x, weight, bias) + (probs.to(h.dtype).unsqueeze(-1) * h).flatten(1) @ B.t(), probs
 
@@ -94,13 +94,13 @@ def test_routed_low_rank_linear_gradcheck(groups, p):
 
 def test_dropout_mask_is_a_seeded_inverted_dropout():
     like = torch.empty(200, 100)
-    mask = fused_ops.dropout_mask(like, 0.3, 7)
-    assert torch.equal(mask, fused_ops.dropout_mask(like, 0.3, 7))
-    assert not torch.equal(mask, fused_ops.dropout_mask(like, 0.3, 8))
+    mask = seeded_dropout.dropout_mask(like, 0.3, 7)
+    assert torch.equal(mask, seeded_dropout.dropout_mask(like, 0.3, 7))
+    assert not torch.equal(mask, seeded_dropout.dropout_mask(like, 0.3, 8))
     values = mask.unique().tolist()
     assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7)
     assert abs((mask == 0).float().mean().item() - 0.3) < 0.02
-    bf16 = fused_ops.dropout_mask(like.bfloat16(), 0.3, 7)
+    bf16 = seeded_dropout.dropout_mask(like.bfloat16(), 0.3, 7)
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16 == 0, mask == 0)
 
 

@@ -82,6 +82,25 @@ def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_root, tm
     assert not (tmp_path / "results.json").exists()
 
 
+def test_a_run_whose_gradients_are_all_zero_stops_in_one_line(data_root, tmp_path, monkeypatch):
+    """No gradient reaching the trainable weights (grad_norm exactly 0) ends the run at its first
+    logged step, as a user error: results.json says failed and why."""
+    from cola_train.errors import run_guarded
+    from cola_train.run import run
+    from cola_train.trainer import ColaTrainer
+    from conftest import compose
+
+    loss_of = ColaTrainer.compute_loss
+    monkeypatch.setattr(ColaTrainer, "compute_loss", lambda self, *a, **k: loss_of(self, *a, **k) * 0.0)
+    assert run_guarded(lambda: run(compose(TINY + ["method=cola_heuristic"]), tmp_path), tmp_path,
+                       exit_on_error=False) is None
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert results["error"].startswith("grad_norm was 0 at step 1: no gradient reaches the trainable parameters")
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_sigterm_checkpoints_exits_and_the_same_command_resumes(tmp_path, sig):

@@ -18,10 +18,10 @@ it would keep extra activations alive. These functions cut that traffic and memo
   activation-sized output once more. The same holds for dx in backward. For HydraLoRA and MoLE
   without dropout, the router and the A's share one GEMM over x, and their input gradients
   another.
-* Dropout on the adapter's input keeps only a seed. The mask is drawn from a generator seeded by
-  it, once in forward and again in backward. nn.Dropout would instead store the mask and the
-  dropped copy of every adapted input. The mask is Bernoulli(1 - p) / (1 - p), as nn.Dropout's
-  is, but drawn from its own stream.
+* Dropout on the adapter's input keeps only a seed. The mask is a hash of the seed and the
+  element's index (seeded_dropout), computed once in forward and again in backward. nn.Dropout
+  would instead store the mask and the dropped copy of every adapted input. The mask is
+  Bernoulli(1 - p) / (1 - p), as nn.Dropout's is, but from its own stream.
 
 Both need: a plain frozen nn.Linear base (no ZeRO-3 partitioned weight) and one dtype for
 activations and base weight. The factors are in that dtype too, or in float32 next to half-precision
@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .seeded_dropout import dropped, new_seed
 
 
 def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -56,33 +58,14 @@ def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor)
     return True
 
 
-def new_seed() -> int:
-    """A mask seed from torch's default CPU generator: reproducible under torch.manual_seed, no
-    GPU sync, and replayed by activation checkpointing (which restores the CPU RNG state)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+def _seed(p: float, seed, like: torch.Tensor):
+    """What backward needs to draw the mask again: None without dropout, else a 0-d tensor."""
+    return None if p == 0.0 else torch.as_tensor(seed, dtype=torch.int64, device=like.device)
 
 
-def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Bernoulli(1 - p) / (1 - p) in like's shape, dtype and device: the same for the same seed."""
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    low_cpu = like.device.type == "cpu" and like.dtype in (torch.bfloat16, torch.float16)
-    keep = torch.empty(like.shape, dtype=torch.float32 if low_cpu else like.dtype, device=like.device)
-    return keep.bernoulli_(1.0 - p, generator=gen).div_(1.0 - p).to(like.dtype)
-
-
-def _dropped(x: torch.Tensor, p: float, seed: int):
-    """(adapter input, mask or None)."""
-    if p == 0.0:
-        return x, None
-    mask = dropout_mask(x, p, seed)
-    return x * mask, mask
-
-
-def _down_grad(gd: torch.Tensor, inp: torch.Tensor, p: float, seed: int):
-    """(dA = gd^T drop(inp), the mask or None): the input's dropped copy lives only for this."""
-    xa, mask = _dropped(inp, p, seed)
-    return gd.t() @ xa.to(gd.dtype), mask
+def _down_grad(gd: torch.Tensor, inp: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """dA = gd^T drop(inp): the input's dropped copy lives only for this."""
+    return gd.t() @ dropped(inp.to(gd.dtype), p, seed)
 
 
 def _no_autocast(t: torch.Tensor):
@@ -100,12 +83,10 @@ def _update_and_base(z: torch.Tensor, B: torch.Tensor, x: torch.Tensor, weight: 
     return out.addmm_(x, weight.t())
 
 
-def _input_grad(g: torch.Tensor, weight: torch.Tensor, gd: torch.Tensor, A: torch.Tensor, mask) -> torch.Tensor:
-    """dx = (gd A) * mask + g W: the adapter's part first, then the base GEMM accumulates onto it."""
-    dx = (gd @ A).to(g.dtype)
-    if mask is not None:
-        dx.mul_(mask)
-    return dx.addmm_(g, weight)
+def _input_grad(g: torch.Tensor, weight: torch.Tensor, gd: torch.Tensor, A: torch.Tensor, p: float,
+                seed) -> torch.Tensor:
+    """dx = drop(gd A) + g W: the adapter's part first, then the base GEMM accumulates onto it."""
+    return dropped((gd @ A).to(g.dtype), p, seed).addmm_(g, weight)
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -114,24 +95,22 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, p, seed):
         with _no_autocast(x):
-            xa, _ = _dropped(x, p, seed)
-            z = xa.to(A.dtype) @ A.t()
-            del xa
+            z = dropped(x.to(A.dtype), p, seed) @ A.t()
             out = _update_and_base(z, B, x, weight, bias)
-        ctx.p, ctx.seed = p, seed
-        ctx.save_for_backward(x, weight, A, B, z)
+        ctx.p = p
+        ctx.save_for_backward(x, weight, A, B, z, _seed(p, seed, x))
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, A, B, z = ctx.saved_tensors
+        x, weight, A, B, z, seed = ctx.saved_tensors
         with _no_autocast(g):
             gu = g.to(B.dtype)
             gz = gu @ B
             dB = gu.t() @ z
             del gu
-            dA, mask = _down_grad(gz, x, ctx.p, ctx.seed)
-            dx = _input_grad(g, weight, gz, A, mask) if ctx.needs_input_grad[0] else None
+            dA = _down_grad(gz, x, ctx.p, seed)
+            dx = _input_grad(g, weight, gz, A, ctx.p, seed) if ctx.needs_input_grad[0] else None
         return dx, None, None, dA, dB, None, None
 
 
@@ -142,27 +121,24 @@ class GatedLowRankMLP(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, A, B, p, seed):
         with _no_autocast(gate):
             h = F.silu(gate).mul_(up)
-            ha, _ = _dropped(h, p, seed)
-            z = ha.to(A.dtype) @ A.t()
-            del ha
+            z = dropped(h.to(A.dtype), p, seed) @ A.t()
             out = _update_and_base(z, B, h, weight, bias)
             del h
-        ctx.p, ctx.seed = p, seed
-        ctx.save_for_backward(gate, up, weight, A, B, z)
+        ctx.p = p
+        ctx.save_for_backward(gate, up, weight, A, B, z, _seed(p, seed, gate))
         return out
 
     @staticmethod
     def backward(ctx, g):
-        gate, up, weight, A, B, z = ctx.saved_tensors
+        gate, up, weight, A, B, z, seed = ctx.saved_tensors
         with _no_autocast(g):
             gu = g.to(B.dtype)
             gz = gu @ B
             dB = gu.t() @ z
             del gu
             act = F.silu(gate)
-            dA, mask = _down_grad(gz, act * up, ctx.p, ctx.seed)
-            dh = _input_grad(g, weight, gz, A, mask)
-            del mask
+            dA = _down_grad(gz, act * up, ctx.p, seed)
+            dh = _input_grad(g, weight, gz, A, ctx.p, seed)
             dup = dh * act
             del act
             dgate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
@@ -170,19 +146,8 @@ class GatedLowRankMLP(torch.autograd.Function):
 
 
 def _apply(fn, *args, p: float):
-    """fn.apply(*args, p, seed). With dropout under torch.compile, the whole function runs outside the
-    graph: the mask's seeded torch.Generator cannot be traced. That is one graph break per call,
-    with eager's seeds and masks, and no recompilation per seed."""
-    if not p:
-        return fn.apply(*args, 0.0, 0)
-    if torch.compiler.is_compiling():
-        return _apply_eagerly(fn, *args, p=p)
-    return fn.apply(*args, p, new_seed())
-
-
-@torch.compiler.disable
-def _apply_eagerly(fn, *args, p: float):
-    return fn.apply(*args, p, new_seed())
+    """fn.apply(*args, p, seed): a fresh seed per call (a tensor, so torch.compile traces it)."""
+    return fn.apply(*args, p, new_seed(args[0].device) if p else None)
 
 
 def low_rank_linear(base: nn.Linear, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -211,18 +176,18 @@ class RoutedLowRankLinear(torch.autograd.Function):
         if p == 0.0:                                               # router and A's: one pass over x
             logits, h = (x @ torch.cat([R, A]).t()).split([R.shape[0], A.shape[0]], dim=1)
         else:
-            logits, h = x @ R.t(), _dropped(x, p, seed)[0] @ A.t()
+            logits, h = x @ R.t(), dropped(x, p, seed) @ A.t()
         probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
         h = h.contiguous().view(x.shape[0], -1, r)
         del logits
         out = _update_and_base((probs.to(h.dtype).unsqueeze(-1) * h).flatten(1), B, x, weight, bias)
-        ctx.p, ctx.seed, ctx.r = p, seed, r
-        ctx.save_for_backward(x, weight, R, A, B, h, probs)
+        ctx.p, ctx.r = p, r
+        ctx.save_for_backward(x, weight, R, A, B, h, probs, _seed(p, seed, x))
         return out, probs
 
     @staticmethod
     def backward(ctx, g, g_probs):
-        x, weight, R, A, B, h, probs = ctx.saved_tensors
+        x, weight, R, A, B, h, probs, seed = ctx.saved_tensors
         gate = probs.to(h.dtype).unsqueeze(-1)                     # (T, E, 1)
         weighted = (gate * h).flatten(1)                           # (T, E r)
         dB = g.t() @ weighted
@@ -244,9 +209,9 @@ class RoutedLowRankLinear(torch.autograd.Function):
                 dx = (d_both @ torch.cat([R, A])).addmm_(g, weight)
         else:
             dR = d_logits.t() @ x
-            dA, mask = _down_grad(d_h, x, ctx.p, ctx.seed)
+            dA = _down_grad(d_h, x, ctx.p, seed)
             if ctx.needs_input_grad[0]:
-                dx = _input_grad(g, weight, d_h, A, mask).addmm_(d_logits, R)
+                dx = _input_grad(g, weight, d_h, A, ctx.p, seed).addmm_(d_logits, R)
         return dx, None, None, dR, dA, dB, None, None, None
 
 
