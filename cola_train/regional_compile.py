@@ -9,11 +9,15 @@ files are those of the eager model. Blocks are the classes the model lists in `_
 no KV cache: with one, every block's graph would be specialised to its layer index (an FFT run's
 saved config then says use_cache=false; set it back for generation). Random ops in the graphs
 (the adapters' dropout seeds, PEFT's nn.Dropout) draw from torch's generators as in eager mode
-(inductor's fallback_random), so a compiled run draws eager's masks.
+(inductor's fallback_random), so a compiled run draws eager's masks. Dynamo's guards on module
+hooks are turned on (off by default): a hook added after compiling, as Chain of LoRA adds one per
+merged link, then recompiles the blocks instead of being silently left out of their graph
+(tests/test_compile.py caught that). Both settings are process-wide.
 """
 from __future__ import annotations
 
 import torch
+import torch._dynamo.config
 import torch._inductor.config
 from torch import nn
 
@@ -39,6 +43,7 @@ def compile_blocks(model: nn.Module, backend="inductor") -> list[nn.Module]:
         if getattr(config, "use_cache", False):
             config.use_cache = False
     torch._inductor.config.fallback_random = True
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     for block in blocks:
         block.compile(backend=backend)
     return blocks
