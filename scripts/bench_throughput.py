@@ -254,9 +254,9 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
 def grad_norm(params) -> float | None:
     """The first step's gradient norm: the same for a variant compiled and eager (same weights, same
     batch), and 0 only where no gradient reaches the trainable weights (a broken graph runs fast)."""
-    grads = [p.grad.float().norm() for p in params if p.grad is not None]
     if not params:
         return None
+    grads = [p.grad.float().norm() for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
 

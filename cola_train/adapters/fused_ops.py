@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .seeded_dropout import dropped, new_seed
+from .seeded_dropout import as_seed, dropped, new_seed
 
 
 def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -60,7 +60,7 @@ def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor)
 
 def _seed(p: float, seed, like: torch.Tensor):
     """What backward needs to draw the mask again: None without dropout, else a 0-d tensor."""
-    return None if p == 0.0 else torch.as_tensor(seed, dtype=torch.int64, device=like.device)
+    return None if p == 0.0 else as_seed(seed, like)
 
 
 def _down_grad(gd: torch.Tensor, inp: torch.Tensor, p: float, seed) -> torch.Tensor:

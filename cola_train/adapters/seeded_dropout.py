@@ -36,13 +36,22 @@ def new_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, _M31, (), device=device)
 
 
+def as_seed(seed, like: torch.Tensor) -> torch.Tensor:
+    """A seed given as an int or a tensor, as the 0-d int64 tensor on like's device the mask uses."""
+    return torch.as_tensor(seed, dtype=torch.int64, device=like.device)
+
+
+def _threshold(p: float) -> int:
+    return int(round(p * 2**31))
+
+
 def keep_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """Bool, like's shape: element i kept iff hash(i, seed) >= p * 2^31, so P(keep) = 1 - p."""
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
     h = _mix((index & _M31) ^ _mix(seed.to(torch.int64) & _M31), rounds=3)
     if like.numel() > _M31:  # past 2^31 elements, the high bits of the index too
         h = _mix(h ^ (index >> 31), rounds=3)
-    return h >= int(round(p * 2**31))
+    return h >= _threshold(p)
 
 
 def _drop(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -61,7 +70,7 @@ def _dropped_now(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     GPU; elsewhere _drop's torch ops."""
     if _triton_here(x):
         from .seeded_dropout_triton import triton_dropped
-        return triton_dropped(x, seed, p, int(round(p * 2**31)), 1.0 / (1.0 - p))
+        return triton_dropped(x, seed, _threshold(p), 1.0 / (1.0 - p))
     return _drop(x, seed, p)
 
 
@@ -83,7 +92,7 @@ def dropped(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     seed: a 0-d tensor (new_seed) or an int."""
     if p == 0.0:
         return x
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=x.device)
+    seed = as_seed(seed, x)
     if torch.compiler.is_compiling():
         return _dropped_op(x, seed, p)
     return _dropped_now(x, seed, p)   # the op's body without the dispatcher: eager calls it ~700 times a step

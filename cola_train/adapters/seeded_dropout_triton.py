@@ -36,7 +36,7 @@ def _drop_kernel(x_ptr, out_ptr, seed_ptr, n, threshold, scale, BIG: tl.constexp
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def triton_dropped(x: torch.Tensor, seed: torch.Tensor, p: float, threshold: int, scale: float) -> torch.Tensor:
+def triton_dropped(x: torch.Tensor, seed: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
