@@ -195,6 +195,10 @@ def validate(cfg) -> None:
                           f"{str(t.master_weights).lower()}, deepspeed={cfg.deepspeed.name})")
     if t.compile and cfg.deepspeed.name != "none":
         raise ConfigError(f"trainer.compile=true runs without DeepSpeed only (got deepspeed={cfg.deepspeed.name})")
+    if t.compile:
+        from .regional_compile import check as check_compile
+
+        check_compile(cfg)
     if m.kind != "none":
         for key in ("r", "num_A", "num_B"):
             if getattr(m, key) < 1:

@@ -13,6 +13,10 @@ saved config then says use_cache=false; set it back for generation). Random ops 
 hooks are turned on (off by default): a hook added after compiling, as Chain of LoRA adds one per
 merged link, then recompiles the blocks instead of being silently left out of their graph
 (tests/test_compile.py caught that). Both settings are process-wide.
+
+On torch 2.11 (the GPU machines' build) MoLE's balance loss, read from the layers after the compiled
+call, came back with wrong gradients (the main loss's part all but lost; 2.13 is right), so
+`check` refuses that pairing there (docs/PERFORMANCE.md, run 8).
 """
 from __future__ import annotations
 
@@ -22,6 +26,20 @@ import torch._inductor.config
 from torch import nn
 
 from .config import ConfigError
+
+
+_FIRST_GOOD_TORCH = (2, 13)   # MoLE's balance loss under compile: wrong on 2.11, right on 2.13; 2.12 untested
+
+
+def check(cfg) -> None:
+    """trainer.compile=true pairings known to train wrongly on this torch: refused in one line."""
+    from torch.torch_version import TorchVersion
+
+    m = cfg.method
+    if m.kind == "mole" and m.balance_coef > 0 and TorchVersion(torch.__version__) < _FIRST_GOOD_TORCH:
+        raise ConfigError(f"trainer.compile=true with method={m.name} (balance_coef={m.balance_coef}) computes "
+                          f"wrong gradients on torch {torch.__version__}; needs torch>=2.13, or "
+                          "trainer.compile=false, or method.balance_coef=0")
 
 
 def block_classes(model: nn.Module) -> set[str]:

@@ -1,9 +1,12 @@
 """Regional torch.compile (each decoder layer compiled on its own) against eager mode: the same loss and
 gradients after a step, one graph for every layer (no graph break, no recompilation per layer or per
-step), CoLA random's resample still taking effect, and dropout traced with eager's masks."""
+step), CoLA random's resample still taking effect, and dropout traced with eager's masks. CI's torch
+(2.13) never showed the zero gradients that the GPU image's torch 2.11 gave the fused functions under
+compile (docs/PERFORMANCE.md, run 8): run this file on the GPU machine too."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -116,7 +119,7 @@ def test_dropout_is_traced_with_eager_masks(method):
 
 @pytest.mark.parametrize("method, extra", [
     ("cola_heuristic", []), ("lora", []),
-    # the GPU run that trained nothing (PERFORMANCE.md run 7): bf16 weights, fp32 master factors
+    # the setup of the GPU run that trained nothing (PERFORMANCE.md runs 7-8): bf16 weights, fp32 master factors
     ("cola_heuristic", ["model.dtype=bf16", "trainer.precision=bf16"]),
     # links merged mid-run: the blocks' modules change under the compiled graph
     ("chain_of_lora", ["method.links=2"]),
@@ -158,9 +161,67 @@ def _grad_norms(out) -> list[float]:
     return [r["grad_norm"] for r in rows if "grad_norm" in r]
 
 
+def _outputs_written_in_place(graph_module) -> list[str]:
+    """In-place method calls whose result or target is among what the traced forward returns."""
+    from torch.fx.node import map_arg
+
+    nodes = list(graph_module.graph.nodes)
+    returned: set = set()
+    map_arg(nodes[-1].args, returned.add)
+    return [str(n.target) for n in nodes
+            if n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("__")
+            and (n in returned or n.args[0] in returned)]
+
+
+@pytest.mark.parametrize("fn", ["linear", "gated", "routed"])
+@pytest.mark.parametrize("bias, factors", [(False, torch.float32), (True, torch.float64)])
+def test_compiled_fused_forwards_write_no_output_in_place(fn, bias, factors):
+    """torch 2.11 silently gave every input of an autograd.Function a zero gradient when its forward
+    wrote the output in place (out.addmm_, PERFORMANCE.md run 8): the compiled forwards write none.
+    float64 factors beside float32 activations: the cast path that adds the bias separately."""
+    from cola_train.adapters import fused_ops
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(16, 24, bias=bias).requires_grad_(False)
+    x, up = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    A = torch.randn(6, 16, generator=g, dtype=factors).requires_grad_()
+    B = torch.randn(24, 6, generator=g, dtype=factors).requires_grad_()
+    R = torch.randn(3, 16, generator=g).requires_grad_()
+    call = {"linear": lambda: fused_ops.low_rank_linear(base, x, A, B),
+            "gated": lambda: fused_ops.gated_low_rank_mlp(base, x, up, A, B),
+            "routed": lambda: fused_ops.routed_low_rank_linear(base, x, R, A.float()[:6], B.float(), 2)[0]}[fn]
+    counter = CompileCounterWithBackend("eager")
+    torch.compile(call, backend=counter, fullgraph=True)().sum().backward()
+    forwards = [m for gm in counter.graphs for name, m in gm.named_modules() if name.startswith("fwd_body")]
+    assert forwards, "no autograd.Function traced"
+    assert not [c for m in forwards for c in _outputs_written_in_place(m)]
+
+
 def test_a_model_without_a_block_class_is_refused_in_one_line():
     from cola_train.config import ConfigError
     from cola_train.regional_compile import compile_blocks
 
     with pytest.raises(ConfigError, match=r"^trainer.compile=true: Sequential lists no repeated block class"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("version, extra, refused", [
+    ("2.11.0+cu130", [], True), ("2.12.1", [], True), ("2.13.0+cpu", [], False),
+    ("2.11.0+cu130", ["method.balance_coef=0"], False)])
+def test_mole_balance_loss_under_compile_is_refused_on_a_torch_that_gets_it_wrong(version, extra, refused):
+    """torch 2.11 gave MoLE's balance loss wrong gradients under compile (measured, PERFORMANCE.md run 8)."""
+    from unittest import mock
+
+    from conftest import TINY, compose
+    from cola_train.config import ConfigError, validate
+
+    cfg = compose(TINY + ["method=mole", "trainer.compile=true"] + extra)
+    with mock.patch.object(torch, "__version__", version):
+        if not refused:
+            validate(cfg)
+            return
+        with pytest.raises(ConfigError, match=r"^trainer.compile=true with method=mole \(balance_coef=0.01\) "
+                                              rf"computes wrong gradients on torch {re.escape(version)}; needs torch>=2.13"):
+            validate(cfg)
+

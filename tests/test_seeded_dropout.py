@@ -44,8 +44,28 @@ def test_dropped_scales_what_it_keeps_and_p0_is_the_identity():
     assert torch.equal(y, seeded_dropout.dropped(x, 0.25, torch.tensor(3)))   # an int or a tensor seed
 
 
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_triton_kernel_has_the_bits_of_the_torch_ops_and_of_the_cpu(dtype):
+    """Eager mode on a GPU runs seeded_dropout_triton's kernel: the same output as _drop's torch ops
+    on the GPU, bit for bit, and the same mask as on the CPU. 4099 columns: not a multiple of the block."""
+    x = torch.randn(300, 4099, device="cuda").to(dtype)
+    for seed in (0, 7, 2**31 - 2):
+        s = torch.tensor(seed, device="cuda")
+        got = seeded_dropout.dropped(x, 0.05, s)
+        assert torch.equal(got, seeded_dropout._drop(x, s, 0.05)), (dtype, seed)
+        keep_cpu = seeded_dropout.keep_mask(x.cpu(), 0.05, s.cpu())
+        assert torch.equal(got.cpu() != 0, keep_cpu & (x.cpu() != 0)), (dtype, seed)
+        assert abs((~keep_cpu).float().mean().item() - 0.05) < 0.002
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_code_calls_the_op_with_eager_bits(dtype):
+def test_compiled_code_calls_the_op_with_eager_bits(dtype, device):
     """Under torch.compile (inductor, whole graph) dropped() is one opaque op: no graph break, no
     recompilation for a new seed or shape, and the bits of eager mode."""
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -55,8 +75,8 @@ def test_compiled_code_calls_the_op_with_eager_bits(dtype):
     compiled = torch.compile(lambda x, s: seeded_dropout.dropped(x * 2, 0.1, s), backend=counter,
                              dynamic=True, fullgraph=True)
     for shape, seed in (((37, 53), 5), ((128, 96), 2**31 - 2)):
-        x = torch.randn(shape).to(dtype)
-        s = torch.tensor(seed)
+        x = torch.randn(shape, device=device).to(dtype)
+        s = torch.tensor(seed, device=device)
         assert torch.equal(compiled(x, s), seeded_dropout.dropped(x * 2, 0.1, s)), (shape, dtype)
     assert counter.frame_count == 1
     assert any(n.target is torch.ops.cola_train.seeded_dropout.default

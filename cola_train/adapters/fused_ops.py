@@ -73,14 +73,19 @@ def _no_autocast(t: torch.Tensor):
 
 
 def _update_and_base(z: torch.Tensor, B: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """z B^T (+ b), then x W^T accumulated onto it by the base GEMM itself (beta = 1)."""
+    """z B^T (+ b), then x W^T accumulated onto it by the base GEMM itself (beta = 1).
+
+    In place in eager mode; out of place under torch.compile, where inductor plans the buffers
+    itself: torch 2.11 (the GPU machines') gave every input of an autograd.Function whose output
+    had been written in place a zero gradient, silently (docs/PERFORMANCE.md, run 8)."""
+    in_place = not torch.compiler.is_compiling()
     if z.dtype == x.dtype:
         out = z @ B.t() if bias is None else torch.addmm(bias, z, B.t())
     else:  # an fp32 update beside half activations: rounded once, here
         out = (z @ B.t()).to(x.dtype)
         if bias is not None:
-            out.add_(bias)
-    return out.addmm_(x, weight.t())
+            out = out.add_(bias) if in_place else out + bias
+    return out.addmm_(x, weight.t()) if in_place else torch.addmm(out, x, weight.t())
 
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, gd: torch.Tensor, A: torch.Tensor, p: float,

@@ -1,9 +1,9 @@
 """The fused functions' dropout: a mask that is a pure function of (seed, element index).
 
 Why: the fused functions (fused_ops) keep only a seed and draw the mask again in backward. A seeded
-torch.Generator did that, but torch.compile cannot trace one: every adapted linear broke the graph,
-and a compiled 8B step with the papers' dropout 0.05 took 2.4 x the floor (docs/PERFORMANCE.md,
-run 7), and in eager mode it cost three passes over every adapted input (draw, scale, multiply).
+torch.Generator did that, but torch.compile cannot trace one: every adapted linear broke the graph
+(docs/PERFORMANCE.md, run 7), and in eager mode it cost three passes over every adapted input (draw,
+scale, multiply).
 
 Here the mask is an integer hash of the element's flat index and the seed, computed by one op that
 reads x once and writes the dropped copy: one Triton kernel on a GPU (seeded_dropout_triton), torch
@@ -77,8 +77,7 @@ def _dropped_now(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
 @torch.library.custom_op("cola_train::seeded_dropout", mutates_args=())
 def _dropped_op(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """What a compiled graph calls: an opaque op running _dropped_now, so compiled code runs the
-    same kernel as eager mode. (With _drop traced into inductor's own code instead, a compiled GPU
-    run trained nothing: grad_norm 0 from the first step, cause not isolated; PERFORMANCE.md run 7.)"""
+    same kernel, and draws the same bits, as eager mode."""
     return _dropped_now(x, seed, p)
 
 
