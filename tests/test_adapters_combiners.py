@@ -270,6 +270,33 @@ def test_balance_loss_values():
     assert balance_loss(torch.softmax(torch.randn(20, 4), -1)) > 0
 
 
+def test_aux_loss_is_the_sum_of_each_layers_balance_loss_times_its_coefficient():
+    """aux_loss takes the loss of all layers' mean gate distributions at once, grouped by coefficient
+    and expert count: the value and the gates' gradients of a per-layer float64 loop."""
+    torch.manual_seed(0)
+    specs = [(2, 0.5), (3, 0.5), (3, 0.1), (2, 0.5), (4, 0.0)]   # (experts, balance_coef)
+    layers = [MoLELinear(nn.Linear(6, 5, dtype=F64), 2, 2.0, 0.0, m, coef) for m, coef in specs]
+    x = torch.randn(3, 4, 6, dtype=F64)
+    with torch.no_grad():
+        for layer in layers:
+            layer.gate.weight.normal_()
+    for layer in layers:
+        layer(x)
+    got = aux_loss(nn.Sequential(*layers))
+    got.backward()
+    got_grads = [layer.gate.weight.grad.clone() for layer in layers]
+    ref = 0.0
+    gates = [layer.gate.weight.detach().clone().requires_grad_() for layer in layers]
+    for (m, coef), G in zip(specs, gates):
+        q = torch.softmax(x @ G.T, -1).reshape(-1, m).mean(0)
+        ref = ref + coef * -torch.log(m * q).sum()
+    ref.backward()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-9)
+    for g, G in zip(got_grads, gates):
+        torch.testing.assert_close(g, G.grad, rtol=1e-6, atol=1e-9)
+    assert got_grads[0].abs().sum() > 0 and got_grads[-1].abs().sum() == 0
+
+
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_mole_output_and_balance_loss(m):
     d_in, d_out, r = shapes(10 + m)
