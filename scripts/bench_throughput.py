@@ -14,8 +14,10 @@ of a PiSSA init changes values, not cost. Every variant is measured --rounds tim
 and its fastest median is kept: a shared GPU drifts between runs, the code does not. The column
 "rounds spread" (slowest / fastest - 1) says which figures that drift touched. The last column,
 the first step's gradient norm, is the same for a variant compiled and eager, and 0 where no
-gradient reaches the trainable weights (a step that trains nothing can be fast). Prints a table
-last and writes JSON (--out).
+gradient reaches the trainable weights (a step that trains nothing can be fast). "ops" counts the
+aten ops one forward + backward dispatches (views included; in eager mode on a GPU most of the
+others are a kernel launch each): the host-side cost of many small ops, the same on any device
+but for the dropout mask (torch ops on a CPU, one Triton kernel on a GPU). Prints a table last and writes JSON (--out).
 
 --compile: after the adapter is attached, each decoder layer is torch.compile'd in place, as
 `trainer.compile=true` does (regional compilation: one graph serves every layer, whose parameters
@@ -251,6 +253,28 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
     return statistics.median(times), peak, first_grad_norm
 
 
+def _under_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def count_ops(model, batch) -> int:
+    """Top-level aten ops of one forward + backward (+ MoLE's balance loss); gradients cleared after."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    model.train()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        aux = adapters.aux_loss(model)
+        (loss if aux is None else loss + aux).backward()
+    model.zero_grad(set_to_none=True)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not _under_aten(e))
+
+
 def grad_norm(params) -> float | None:
     """The first step's gradient norm: the same for a variant compiled and eager (same weights, same
     batch), and 0 only where no gradient reaches the trainable weights (a broken graph runs fast)."""
@@ -267,7 +291,8 @@ def measure(base, name, variant, targets, batch, device, args, n_params, peak) -
         ms, mem, norm = time_steps(model, batch, device, warmup, args.reps, optimizer=args.optimizer,
                                    compiled=args.compile)
         row = {"variant": name, "step_ms": ms * 1e3, "tokens_per_s": batch.numel() / ms, "peak_gib": mem,
-               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "grad_norm": norm}
+               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "grad_norm": norm,
+               "ops": count_ops(model, batch)}
         if norm == 0.0 or (norm is not None and not math.isfinite(norm)):
             print(f"# warning: {name}: first-step gradient norm {norm}: this variant does not train", flush=True)
         if args.compile:
@@ -367,18 +392,18 @@ def main(argv=None):
             profile(base, name, variant, targets, batch, device, args.optimizer, args.compile)
 
     floor = next((r for r in rows if r["variant"].startswith("frozen") and "step_ms" in r), None)
-    print(f"\n| variant | step ms | tokens/s | x floor | peak GiB | MFU | trainable | rounds spread | grad norm |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| variant | step ms | tokens/s | x floor | peak GiB | MFU | trainable | rounds spread | grad norm | ops |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['variant']} | {r['error']} | | | | | | | |")
+            print(f"| {r['variant']} | {r['error']} | | | | | | | | |")
             continue
         x = r["step_ms"] / floor["step_ms"] if floor else float("nan")
         r["x_floor"] = x
         spread = "—" if r["spread"] is None else f"{r['spread']:.1%}"
         norm = "—" if r.get("grad_norm") is None else f"{r['grad_norm']:.4g}"
         print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {x:.3f} | "
-              f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} | {spread} | {norm} |")
+              f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} | {spread} | {norm} | {r['ops']} |")
     args.out.write_text(json.dumps({"shape": shape, "device": gpu, "batch": [args.batch, args.seq],
                                     "compile": args.compile,
                                     "peak_tflops": peak, "params": n_params, "rows": rows}, indent=2))

@@ -30,6 +30,9 @@ def test_bench_small_runs_every_variant(tmp_path, capsys):
     # the same weights and batch: the fused path and its autograd twin, the paths of the same maths
     assert norms["CoLA fully fused"] == pytest.approx(norms["CoLA fully fused, autograd backward"], rel=1e-3)
     assert norms["CoLA fully fused"] == pytest.approx(norms["CoLA fully per-pair loop"], rel=1e-2)
+    ops = {r["variant"]: r["ops"] for r in rows}   # aten ops per forward + backward
+    assert ops["frozen base (floor)"] < ops["ours LoRA (m=n=1)"] < ops["CoLA fully per-pair loop"]
+    assert ops["MoLE (3 experts)"] > ops["HydraLoRA (n=3)"]   # the gate's balance loss
     for r in rows:  # best of the rounds, and how far apart they were
         assert r["step_ms"] == min(r["round_ms"])
         assert r["spread"] == (max(r["round_ms"]) / min(r["round_ms"]) - 1 if len(r["round_ms"]) > 1 else None)

@@ -221,7 +221,8 @@ def test_mole_balance_loss_under_compile_is_refused_on_a_torch_that_gets_it_wron
         if not refused:
             validate(cfg)
             return
-        with pytest.raises(ConfigError, match=r"^trainer.compile=true with method=mole \(balance_coef=0.01\) "
-                                              rf"computes wrong gradients on torch {re.escape(version)}; needs torch>=2.13"):
+        expected = (r"^trainer.compile=true with method=mole \(balance_coef=0.01\) computes wrong gradients on "
+                    rf"torch {re.escape(version)}; needs torch>=2.13")
+        with pytest.raises(ConfigError, match=expected):
             validate(cfg)
 

@@ -44,11 +44,12 @@ def test_dropped_scales_what_it_keeps_and_p0_is_the_identity():
     assert torch.equal(y, seeded_dropout.dropped(x, 0.25, torch.tensor(3)))   # an int or a tensor seed
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
+no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, no_cuda])]   # on a GPU machine: pytest -m gpu
 
 
-@gpu
+@pytest.mark.gpu
+@no_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_triton_kernel_has_the_bits_of_the_torch_ops_and_of_the_cpu(dtype):
     """Eager mode on a GPU runs seeded_dropout_triton's kernel: the same output as _drop's torch ops
