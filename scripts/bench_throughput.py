@@ -214,6 +214,14 @@ def attach_variant(base, name, variant, targets, compile: bool = False):
     return model, undo_both
 
 
+def forward_backward(model, batch) -> None:
+    """The training loss (+ MoLE's balance loss), backpropagated. No KV cache in a training step:
+    with one, each compiled layer would recompile for its layer_idx."""
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    aux = adapters.aux_loss(model)
+    (loss if aux is None else loss + aux).backward()
+
+
 def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, optimizer: str = "fused",
                compiled: bool = False):
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,12 +240,7 @@ def time_steps(model, batch, device, warmup: int, reps: int, seed: int = 0, opti
         adapters.resample(model, i, seed)
         _sync(device)
         t = time.perf_counter()
-        # no KV cache in a training step (with one, each compiled layer would recompile for its layer_idx)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        aux = adapters.aux_loss(model)
-        if aux is not None:
-            loss = loss + aux
-        loss.backward()
+        forward_backward(model, batch)
         if i == 0:
             first_grad_norm = grad_norm(params)
         if opt is not None:
@@ -268,9 +271,7 @@ def count_ops(model, batch) -> int:
 
     model.train()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        aux = adapters.aux_loss(model)
-        (loss if aux is None else loss + aux).backward()
+        forward_backward(model, batch)
     model.zero_grad(set_to_none=True)
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and not _under_aten(e))
 
