@@ -42,7 +42,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cola_train import adapters  # noqa: E402
-from cola_train.adapters import AdapterLinear, gated_mlp  # noqa: E402
+from cola_train.adapters import AdapterLinear, CoLALinear, gated_act, gated_mlp, shared_qkv  # noqa: E402
 from cola_train.config import MethodConfig  # noqa: E402
 from cola_train.models import DEFAULT_TARGETS, upcast_trainable  # noqa: E402
 from cola_train.regional_compile import compile_blocks  # noqa: E402
@@ -97,6 +97,13 @@ VARIANTS = {
                                                                      "dropout": 0.05}),
     "CoLA heuristic fused, dropout 0.05": MethodConfig(name="cola_heuristic", strategy="heuristic",
                                                        impl="fused", **{**COLA, "dropout": 0.05}),
+    # session 11's changes undone: the gated activation as torch ops (not gated_act's Triton kernels),
+    # q, k, v and gate, up each with its own GEMMs (not one SharedInputLowRank per shared input)
+    "ours LoRA (m=n=1), torch gated act, projections apart": MethodConfig(name="lora1", **{**COLA, "num_A": 1,
+                                                                                       "num_B": 1}),
+    "CoLA heuristic fused, torch gated act, projections apart": MethodConfig(name="cola_heuristic",
+                                                                         strategy="heuristic", impl="fused",
+                                                                         **COLA),
     "FFT": "fft",
 }
 
@@ -151,6 +158,7 @@ def attach(base, variant, targets):
     def undo():
         _swap_back(base, originals)
         gated_mlp.uninstall(base)
+        shared_qkv.uninstall(base)
         base.requires_grad_(False)
         base.__dict__.pop("_cola_adapter", None)
         for attr in ("peft_config", "_hf_peft_config_loaded"):
@@ -195,14 +203,16 @@ def dynamo_stats() -> dict:
 
 def attach_variant(base, name, variant, targets, compile: bool = False):
     """attach(), plus what the variant's name asks for: fp32 master weights, the fp32 adapter path,
-    autograd's own backward (the caller sets AdapterLinear.custom_backward back to True); then the
-    decoder layers compiled if asked (the undo puts the plain ones back first)."""
+    autograd's own backward, session 11's changes undone (the caller's restore_switches() puts them
+    back); then the decoder layers compiled if asked (the undo puts the plain ones back first)."""
     model, undo = attach(base, variant, targets)
     if "fp32 master weights" in name or "fp32 adapter path" in name:
         upcast_trainable(model)
     if "fp32 adapter path" in name:
         adapters.fp32_path.enable(model)
     AdapterLinear.custom_backward = "autograd backward" not in name
+    gated_act.use_kernels = "torch gated act" not in name
+    CoLALinear.group_shared_inputs = "projections apart" not in name
     if not compile:
         return model, undo
     uncompile = compile_layers(base)
@@ -212,6 +222,11 @@ def attach_variant(base, name, variant, targets, compile: bool = False):
         undo()
 
     return model, undo_both
+
+
+def restore_switches() -> None:
+    """What attach_variant may have switched off for a before/after variant, back on."""
+    AdapterLinear.custom_backward = gated_act.use_kernels = CoLALinear.group_shared_inputs = True
 
 
 def forward_backward(model, batch) -> None:
@@ -303,7 +318,7 @@ def measure(base, name, variant, targets, batch, device, args, n_params, peak) -
     except torch.OutOfMemoryError:
         row = {"variant": name, "error": "OOM"}
     finally:
-        AdapterLinear.custom_backward = True
+        restore_switches()
         undo()
         del model
         gc.collect()
@@ -325,7 +340,7 @@ def profile(base, name, variant, targets, batch, device, optimizer: str, compile
         key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(f"\n## profile: {name}\n" + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
     finally:
-        AdapterLinear.custom_backward = True
+        restore_switches()
         undo()
         del model
         gc.collect()
@@ -340,6 +355,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="variant names (substring match)")
+    ap.add_argument("--exact", action="store_true", help="--only names whole variant names")
     ap.add_argument("--skip-fft", action="store_true")
     ap.add_argument("--rounds", type=int, default=2,
                     help="measure every variant this many times, interleaved; report the fastest median")
@@ -370,7 +386,8 @@ def main(argv=None):
           f"{'; decoder layers compiled' if args.compile else ''}", flush=True)
 
     chosen = [(name, variant) for name, variant in VARIANTS.items()
-              if not (args.only and not any(s.lower() in name.lower() for s in args.only))
+              if not (args.only and not any(s.lower() == name.lower() if args.exact else s.lower() in name.lower()
+                                            for s in args.only))
               and not (variant == "fft" and args.skip_fft)]
     best, rounds = {}, {}
     for rnd in range(args.rounds):

@@ -110,6 +110,21 @@ def test_cola_fused_and_loop_match_oracle_with_grads(strategy, m, n):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{layer.impl} {name}")
 
 
+@pytest.mark.parametrize("m,n", [(2, 3), (3, 2)])
+@pytest.mark.parametrize("strategy", ["random", "heuristic"])
+def test_cola_fused_matches_oracle_after_a_rank_change(strategy, m, n):
+    """Chain of LoRA's next link at a new rank: the grouping matrix (pairing.mixing_matrix) follows."""
+    layer = make_cola(strategy, m, n, "fused")
+    layer.reinit(rank=layer.r + 2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, layer.in_features, dtype=F64)
+    g = torch.randn(2, 5, layer.out_features, dtype=F64)
+    ref = oracle_and_grads(layer, x, g, pairs_for(strategy, m, n, True, layer))
+    for name, a, b in zip(("y", "dx", "dA", "dB"), run_and_grads(layer, x, g), ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("m,n", [(1, 1), (2, 3), (3, 2), (4, 4)])
 def test_cola_merge_factors_equal_eval_update(m, n):
     for strategy in ("fully", "random", "heuristic"):

@@ -36,6 +36,11 @@ def test_bench_small_runs_every_variant(tmp_path, capsys):
     for r in rows:  # best of the rounds, and how far apart they were
         assert r["step_ms"] == min(r["round_ms"])
         assert r["spread"] == (max(r["round_ms"]) / min(r["round_ms"]) - 1 if len(r["round_ms"]) > 1 else None)
+    # session 11's changes (gated_act's kernels, shared-input GEMMs) change the work, not the maths
+    for name in ("ours LoRA (m=n=1)", "CoLA heuristic fused"):
+        before = f"{name}, torch gated act, projections apart"
+        assert norms[name] == pytest.approx(norms[before], rel=1e-3)
+        assert ops[name] < ops[before]
 
 
 def test_bench_compile_undo_leaves_the_plain_layers():
@@ -58,3 +63,12 @@ def test_bench_compile_undo_leaves_the_plain_layers():
     assert all(now is was for now, was in zip(base.model.layers, plain)) and len(base.model.layers) == len(plain)
     assert not any(isinstance(m, AdapterLinear) for m in base.modules())
     assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in base.modules())
+
+
+def test_kernel_bench_small_runs(capsys):
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT.parent / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--small"])
+    out = capsys.readouterr().out
+    assert out.count("| cuBLAS (torch) |") == 6 and "| silu(gate) * up, forward | torch ops |" in out

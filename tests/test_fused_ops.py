@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cola_train.adapters import (AdapterLinear, CoLALinear, attach_adapter, aux_loss, gated_mlp, merged_model,
                                  resample)
-from cola_train.adapters import fused_ops, seeded_dropout
+from cola_train.adapters import fused_ops, seeded_dropout, shared_qkv
 from cola_train.config import MethodConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,6 +47,47 @@ def test_low_rank_linear_gradcheck(bias, p):
     assert torch.autograd.gradcheck(fn, (x, A, B))
     expected = _ref_linear(x, base.weight, base.bias, A, B, p, 1234)
     torch.testing.assert_close(fn(x, A, B), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_shared_input_low_rank_gradcheck(bias):
+    """Two linears of different widths and ranks on one x, against each one's plain formula; an
+    output left unused gets no B gradient and adds nothing to dx."""
+    torch.manual_seed(2)
+    bases = [_frozen_linear(6, 5, bias), _frozen_linear(6, 4, bias)]
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    factors = [(torch.randn(3, 6, dtype=torch.float64, requires_grad=True),
+                torch.randn(5, 3, dtype=torch.float64, requires_grad=True)),
+               (torch.randn(2, 6, dtype=torch.float64, requires_grad=True),
+                torch.randn(4, 2, dtype=torch.float64, requires_grad=True))]
+    leaves = (x, *[t for f in factors for t in f])
+
+    def fn(x, A1, B1, A2, B2):
+        return fused_ops.shared_input_low_rank(bases, x, [(A1, B1), (A2, B2)])
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    for out, base, (A, B) in zip(fn(*leaves), bases, factors):
+        torch.testing.assert_close(out, _ref_linear(x, base.weight, base.bias, A, B, 0.0, 0), rtol=1e-12, atol=1e-12)
+    first = fn(*leaves)[0].sum()
+    grads = torch.autograd.grad(first, leaves, allow_unused=True)
+    ref = torch.autograd.grad(_ref_linear(x, bases[0].weight, bases[0].bias, *factors[0], 0.0, 0).sum(),
+                              leaves[:3])
+    for got, want in zip(grads[:3], ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(g is None or not g.any() for g in grads[3:])      # the unused output's A and B
+
+
+def test_shared_input_grouping_steps_aside_for_partitioned_parameters():
+    """Under ZeRO-3 a parameter is gathered in its own module's call: gate and up then run one by one."""
+    model = attach_adapter(_llama(torch.float32), _cola("heuristic"), TARGETS)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 3, 64)
+    assert gated_mlp._shared_input(mlp, x) is not None
+    mlp.up_proj.lora_A.ds_id = 7
+    assert gated_mlp._shared_input(mlp, x) is None
+    del mlp.up_proj.lora_A.ds_id
+    mlp.gate_proj.register_forward_pre_hook(lambda mod, args: None)
+    assert gated_mlp._shared_input(mlp, x) is None
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -149,12 +190,16 @@ def test_model_gradients_match_autograd(strategy, dropout):
     autograd: the plain path without dropout; with dropout, the plain-op twins of the fused
     functions drawing the same masks (nn.Dropout draws from another stream)."""
     model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout), TARGETS)
-    assert sum(1 for m in model.modules() if "forward" in m.__dict__) == 2  # both MLPs routed
+    assert sum(1 for m in model.modules() if "forward" in m.__dict__) == 4  # both MLPs and attentions routed
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    shared_apply = fused_ops.SharedInputLowRank.apply
     with mock.patch.object(fused_ops.LowRankLinear, "apply", wraps=fused_ops.LowRankLinear.apply) as lin, \
+            mock.patch.object(fused_ops.SharedInputLowRank, "apply", wraps=shared_apply) as shared, \
             mock.patch.object(fused_ops.GatedLowRankMLP, "apply", wraps=fused_ops.GatedLowRankMLP.apply) as mlp:
         loss, grads = _grads(model, ids, custom=True)
-    assert lin.call_count == 12                      # q, k, v, o, gate, up in 2 layers
+    # q, k, v, o, gate, up in 2 layers: each on its own with dropout (own masks), else q, k, v
+    # together and gate, up together
+    assert (lin.call_count, shared.call_count) == ((12, 0) if dropout else (2, 4))
     assert mlp.call_count == 2                       # the down_proj of each MLP
     assert all(c.args[-2] == dropout for c in lin.call_args_list + mlp.call_args_list)
     if dropout:
@@ -307,4 +352,19 @@ def test_routed_mlps_survive_deepcopy_and_pickle():
         for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
             mlps = [m for m in clone.modules() if gated_mlp.routing(m) is not None]
             assert len(mlps) == 2 and all(gated_mlp.routing(m).mlp is m for m in mlps)   # bound to the copy
+            attns = [m for m in clone.modules() if shared_qkv.routing(m) is not None]
+            assert len(attns) == 2 and all(shared_qkv.routing(m).attn is m for m in attns)
             torch.testing.assert_close(clone(input_ids=ids).logits, expected)
+
+
+def test_shared_qkv_hands_each_output_back_once():
+    """q, k and v come from one fused call; nothing is left handed back after the attention's
+    forward, and merged_model leaves the model's own attention forward."""
+    model = attach_adapter(_llama(torch.float32), _cola("heuristic"), TARGETS)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    with mock.patch.object(fused_ops.SharedInputLowRank, "apply", wraps=fused_ops.SharedInputLowRank.apply) as shared:
+        model(input_ids=ids)
+    assert [len(c.args) for c in shared.call_args_list] == [2 + 3 * 3, 2 + 3 * 2] * 2   # q, k, v then gate, up
+    assert all(m.hand_back is None for m in model.modules() if isinstance(m, CoLALinear))
+    plain = merged_model(model)
+    assert shared_qkv.install(plain) == 0 and not any("forward" in m.__dict__ for m in plain.modules())

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import committed, fp32_path, gated_mlp, peft_methods
+from . import committed, fp32_path, gated_mlp, peft_methods, shared_qkv
 from .cola_layer import CoLALinear, resample
 from .hydralora import HydraLoRALinear
 from .io import (adapter_info, export_peft, load_adapter, our_layers, require_info, save_adapter, set_info,
@@ -82,6 +82,7 @@ def attach_adapter(model: nn.Module, method_cfg, default_targets: Optional[List[
             layer.lora_B.requires_grad_(False)
     if cfg.kind == "cola":
         gated_mlp.install(model)
+        shared_qkv.install(model)
     set_info(model, {"method": cfg, "targets": targets})
     return model
 
@@ -134,6 +135,7 @@ def merged_model(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
     gated_mlp.uninstall(model)
+    shared_qkv.uninstall(model)
     set_info(model, None)
     return model
 

@@ -38,6 +38,8 @@ from .layer import AdapterLinear, new_param
 
 class CoLALinear(AdapterLinear):
     takes_gated_input = True   # forward(gate, up=up): see gated_mlp.py
+    group_shared_inputs = True  # shared_input_forward applies (False: the benchmark's before/after)
+    hand_back = None            # (x, output) set by shared_qkv for this module's next call on x
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
                  num_A: int, num_B: int, strategy: str, impl: str = "fused"):
         super().__init__(base_layer, r, alpha, dropout)
@@ -47,6 +49,7 @@ class CoLALinear(AdapterLinear):
         self.lora_B = new_param((self.out_features, num_B, r), fac)
         inits.kaiming_(self.lora_A.data)
         self.register_buffer("pairing", torch.zeros(num_B, num_A, **fac), persistent=False)
+        self.register_buffer("mixing", torch.zeros(num_B * r, num_A * r, **fac), persistent=False)
         self.set_pairing(pairing.initial(strategy, num_A, num_B))
 
     @classmethod
@@ -60,12 +63,16 @@ class CoLALinear(AdapterLinear):
         self._pairs: List[Tuple[int, int, float]] = [
             (i, j, float(P[j, i])) for i in range(self.num_A) for j in range(self.num_B) if P[j, i] != 0
         ]
-        if self.pairing.is_cuda:
-            # the random strategy redraws every step in every layer: a copy from pageable memory
-            # would wait for the GPU each time; from pinned memory it is queued like a kernel
-            self.pairing.copy_(P.pin_memory(), non_blocking=True)
-        else:
-            self.pairing.copy_(P)
+        if self.mixing.shape != (self.num_B * self.r, self.num_A * self.r):   # a new rank (reinit)
+            self.mixing = self.mixing.new_zeros(self.num_B * self.r, self.num_A * self.r)
+        mixing = pairing.mixing_matrix(P, self.r)
+        for buffer, value in ((self.pairing, P), (self.mixing, mixing)):
+            if buffer.is_cuda:
+                # the random strategy redraws every step in every layer: a copy from pageable memory
+                # would wait for the GPU each time; from pinned memory it is queued like a kernel
+                buffer.copy_(value.pin_memory(), non_blocking=True)
+            else:
+                buffer.copy_(value)
 
     def _eval_rule(self, train_rule: bool) -> bool:
         return self.strategy == "random" and not train_rule
@@ -84,11 +91,11 @@ class CoLALinear(AdapterLinear):
         if self.strategy == "fully" or self._eval_rule(train_rule):
             w = s if self.strategy == "fully" else s / n
             return A.sum(0), B.sum(1) * w
-        P = self.pairing.to(A.dtype)
+        K = self.mixing.to(A.dtype)   # P (x) I_r: one matmul groups the factors (few ops a step)
         if m <= n:
-            B_grouped = torch.einsum("ji,ojr->oir", P, B).reshape(self.out_features, m * r)
+            B_grouped = B.reshape(self.out_features, n * r) @ K
             return A.reshape(m * r, self.in_features), B_grouped * s
-        A_grouped = torch.einsum("ji,ird->jrd", P, A).reshape(n * r, self.in_features)
+        A_grouped = K @ A.reshape(m * r, self.in_features)
         return A_grouped, B.reshape(self.out_features, n * r) * s
 
     def forward(self, x: torch.Tensor, *args, up: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
@@ -96,6 +103,10 @@ class CoLALinear(AdapterLinear):
 
         Both go through the module call, so hooks that manage parameters (DeepSpeed ZeRO-3's
         gather) run before any parameter is read."""
+        handed = self.hand_back
+        if handed is not None and handed[0] is x:   # computed with its siblings (shared_qkv.py)
+            self.hand_back = None
+            return handed[1]
         if up is not None:
             return self._forward_gated(x, up)
         if self.merged or self.impl == "loop" or args or kwargs:
@@ -108,6 +119,29 @@ class CoLALinear(AdapterLinear):
         if self.fp32_path:
             return super().forward(x)
         return self._fused_forward(x, lambda rows: (F.linear(self.dropout(self._cast_input(rows, A.dtype)), A), B))
+
+    @classmethod
+    def shared_input_forward(cls, layers: List["CoLALinear"], x: torch.Tensor) -> Optional[List[torch.Tensor]]:
+        """[layer(x) for layer in layers] through one fused_ops.SharedInputLowRank, or None where
+        that does not apply: in eager mode, fused layers of this class without dropout (each
+        layer's own mask would differ), hooks, or partitioned (ZeRO-3) parameters, whose
+        gathering needs each layer's own module call."""
+        if not cls.group_shared_inputs or torch.compiler.is_compiling():
+            return None
+        if not all(type(layer) is cls and layer._plain_fused_call() for layer in layers):
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        factors = [layer._compute_factors(x2) for layer in layers]
+        if not all(A.dtype == x2.dtype and fused_ops.can_fuse(layer.base_layer, x2, A, B)
+                   for layer, (A, B) in zip(layers, factors)):
+            return None
+        outs = fused_ops.shared_input_low_rank([layer.base_layer for layer in layers], x2, factors)
+        return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
+
+    def _plain_fused_call(self) -> bool:
+        return (self.custom_backward and not self.merged and self.impl != "loop" and not self.fp32_path
+                and self._dropout_p() == 0.0 and not (self._forward_hooks or self._forward_pre_hooks)
+                and not any(hasattr(p, "ds_id") for p in self.parameters()))
 
     def _compute_factors(self, x: torch.Tensor):
         """The effective (A, B) in the dtype the update is computed in: the activations', or fp32
@@ -157,6 +191,7 @@ class CoLALinear(AdapterLinear):
             self.r = rank
             self.lora_A = new_param((self.num_A, rank, self.in_features), fac)
             self.lora_B = new_param((self.out_features, self.num_B, rank), fac)
+            self.set_pairing(self.pairing)   # the mixing matrix has the rank's size
         inits.kaiming_(self.lora_A.data)
         self.lora_B.data.zero_()
 

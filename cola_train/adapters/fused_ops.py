@@ -11,8 +11,11 @@ it would keep extra activations alive. These functions cut that traffic and memo
   are saved.
 * `GatedLowRankMLP`: the whole gated MLP tail, down(silu(gate) * up), when down_proj carries the
   update. It saves gate and up, which the frozen model keeps too, and recomputes the product in
-  backward. The frozen model would store silu(gate) and the product, so an adapted MLP keeps less
-  than a frozen one.
+  backward (gated_act: one Triton kernel each way on a GPU). The frozen model would store
+  silu(gate) and the product, so an adapted MLP keeps less than a frozen one.
+* `SharedInputLowRank`: adapted linears that read the same x (a gated MLP's gate and up), without
+  dropout: one GEMM for all their z = x A_i^T, one for dA, one for the adapters' part of dx, onto
+  which every base input gradient accumulates (autograd would write one dx per linear and sum them).
 * The update is written first and the base GEMM accumulates onto it (`addmm_`, beta = 1): the
   GEMM's epilogue reads it, for free, where adding it afterwards would read and write the
   activation-sized output once more. The same holds for dx in backward. For HydraLoRA and MoLE
@@ -35,9 +38,9 @@ the stored factors through autograd.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import gated_act
 from .seeded_dropout import as_seed, dropped, new_seed
 
 
@@ -125,7 +128,7 @@ class GatedLowRankMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, A, B, p, seed):
         with _no_autocast(gate):
-            h = F.silu(gate).mul_(up)
+            h = gated_act.forward(gate, up)
             z = dropped(h.to(A.dtype), p, seed) @ A.t()
             out = _update_and_base(z, B, h, weight, bias)
             del h
@@ -141,12 +144,9 @@ class GatedLowRankMLP(torch.autograd.Function):
             gz = gu @ B
             dB = gu.t() @ z
             del gu
-            act = F.silu(gate)
-            dA = _down_grad(gz, act * up, ctx.p, seed)
             dh = _input_grad(g, weight, gz, A, ctx.p, seed)
-            dup = dh * act
-            del act
-            dgate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
+            h, dgate, dup = gated_act.backward(gate, up, dh)   # h again, for dA
+            dA = _down_grad(gz, h, ctx.p, seed)
         return dgate, dup, None, None, dA, dB, None, None
 
 
@@ -163,6 +163,54 @@ def low_rank_linear(base: nn.Linear, x: torch.Tensor, A: torch.Tensor, B: torch.
 def gated_low_rank_mlp(base: nn.Linear, gate: torch.Tensor, up: torch.Tensor,
                        A: torch.Tensor, B: torch.Tensor, p: float = 0.0) -> torch.Tensor:
     return _apply(GatedLowRankMLP, gate, up, base.weight, base.bias, A, B, p=p)
+
+
+class SharedInputLowRank(torch.autograd.Function):
+    """k adapted linears reading one x, no dropout: out_i = x W_i^T + b_i + (x A_i^T) B_i^T.
+
+    A: the A_i stacked, (sum r_i, d_in); rest: (W_1, b_1, B_1, .., W_k, b_k, B_k). Returns the k
+    outputs. An output nobody used gets no gradient: its B_i none, its part of dx and dA zero."""
+
+    @staticmethod
+    def forward(ctx, x, A, *rest):
+        weights, biases, Bs = rest[0::3], rest[1::3], rest[2::3]
+        with _no_autocast(x):
+            z = x @ A.t()
+            zs = z.split([B.shape[1] for B in Bs], dim=1)
+            outs = tuple(_update_and_base(zi, B, x, W, b) for zi, B, W, b in zip(zs, Bs, weights, biases))
+        ctx.save_for_backward(x, A, z, *weights, *Bs)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *gs):
+        x, A, z, *rest = ctx.saved_tensors
+        k = len(gs)
+        weights, Bs = rest[:k], rest[k:]
+        with _no_autocast(x):
+            gz, dBs = [], []
+            for g, B, zi in zip(gs, Bs, z.split([B.shape[1] for B in Bs], dim=1)):
+                if g is None:
+                    gz.append(zi.new_zeros(zi.shape))
+                    dBs.append(None)
+                else:
+                    gz.append(g @ B)
+                    dBs.append(g.t() @ zi)
+            gz = torch.cat(gz, dim=1)
+            dA = gz.t() @ x
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = gz @ A
+                for g, W in zip(gs, weights):
+                    if g is not None:
+                        dx.addmm_(g, W)
+        return (dx, dA) + tuple(grad for dB in dBs for grad in (None, None, dB))
+
+
+def shared_input_low_rank(bases, x: torch.Tensor, factors) -> tuple:
+    """The outputs of adapted linears sharing x: bases their frozen nn.Linears, factors their (A, B)."""
+    A = torch.cat([a for a, _ in factors])
+    rest = [t for base, (_, B) in zip(bases, factors) for t in (base.weight, base.bias, B)]
+    return SharedInputLowRank.apply(x, A, *rest)
 
 
 class RoutedLowRankLinear(torch.autograd.Function):

@@ -3,12 +3,16 @@
 Why: an adapter on down_proj must keep its input, the d_ff-wide product silu(gate) * up, for dA,
 the largest activation of the layer (117 MB per layer for Llama-3.1-8B at 4 x 1024 tokens). The
 fused path (fused_ops.GatedLowRankMLP) keeps gate and up instead, which the frozen model keeps
-anyway, and recomputes the product in backward. Installed per module instance by attach_adapter;
-the instance forward falls back to the model's own formula whenever down_proj is not ours.
+anyway, and recomputes the product in backward. Where gate_proj and up_proj are adapters too, one
+fused call computes both from their shared input (CoLALinear.shared_input_forward). Installed per
+module instance by attach_adapter; the instance forward falls back to the model's own formula
+whenever down_proj is not ours.
 """
 from __future__ import annotations
 
 from torch import nn
+
+from . import instance_forward
 
 _SILU = ("SiLU", "SiLUActivation")
 
@@ -20,6 +24,16 @@ def is_gated_silu_mlp(module: nn.Module) -> bool:
 
 def _takes_gated_input(module: nn.Module) -> bool:
     return getattr(module, "takes_gated_input", False)
+
+
+def _shared_input(mlp: nn.Module, x):
+    """(gate, up) from one call where both are adapters of one class that can share their input
+    (CoLALinear.shared_input_forward: one GEMM over x for both A's), else None."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    shared = getattr(type(gate), "shared_input_forward", None)
+    if shared is None or type(up) is not type(gate):
+        return None
+    return shared([gate, up], x)
 
 
 class GatedForward:
@@ -34,7 +48,8 @@ class GatedForward:
 
     def __call__(self, x):
         mlp = self.mlp
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        both = _shared_input(mlp, x)
+        gate, up = both if both is not None else (mlp.gate_proj(x), mlp.up_proj(x))
         if _takes_gated_input(mlp.down_proj):
             return mlp.down_proj(gate, up=up)   # a module call: ZeRO-3 gathers its parameters first
         return mlp.down_proj(mlp.act_fn(gate) * up)
@@ -42,21 +57,14 @@ class GatedForward:
 
 def install(model: nn.Module) -> int:
     """Route every gated SiLU MLP whose down_proj takes (gate, up=up) through it; returns the count."""
-    count = 0
-    for module in model.modules():
-        if is_gated_silu_mlp(module) and _takes_gated_input(module.down_proj):
-            module.forward = GatedForward(module).__call__
-            count += 1
-    return count
+    return instance_forward.install(
+        model, lambda m: is_gated_silu_mlp(m) and _takes_gated_input(m.down_proj), GatedForward)
 
 
 def routing(module: nn.Module):
     """The GatedForward that install() routed module through, or None."""
-    found = getattr(module.__dict__.get("forward"), "__self__", None)
-    return found if isinstance(found, GatedForward) else None
+    return instance_forward.routing(module, GatedForward)
 
 
 def uninstall(model: nn.Module) -> None:
-    for module in model.modules():
-        if routing(module) is not None:
-            del module.forward
+    instance_forward.uninstall(model, GatedForward)

@@ -50,6 +50,12 @@ def initial(strategy: str, m: int, n: int) -> torch.Tensor:
     return draw(m, n, generator(seed=0, step=0))
 
 
+def mixing_matrix(P: torch.Tensor, r: int) -> torch.Tensor:
+    """P (x) I_r, (n r, m r): [B_1 .. B_n] times it is [B~_1 .. B~_m] with B~_i = sum_j P[j, i] B_j,
+    and it times [A_1; ..; A_m] is [A~_1; ..; A~_n] with A~_j = sum_i P[j, i] A_i (r x d blocks)."""
+    return torch.kron(P, torch.eye(r, dtype=P.dtype))
+
+
 def total_weight(strategy: str, m: int, n: int) -> float:
     """Sum of P's entries, the same for every random draw and its expectation; a split PiSSA init
     divides the principal part by it so the adapter starts at exactly that part."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_support
+
 _M31 = 2**31 - 1
 
 
@@ -58,17 +60,10 @@ def _drop(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep_mask(x, p, seed), x * (1.0 / (1.0 - p)), 0.0)
 
 
-def _triton_here(x: torch.Tensor) -> bool:
-    if x.device.type != "cuda" or x.dtype == torch.float64:
-        return False
-    from torch.utils._triton import has_triton
-    return has_triton()
-
-
 def _dropped_now(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """On a GPU one Triton kernel (seeded_dropout_triton), checked bit for bit against _drop on the
     GPU; elsewhere _drop's torch ops."""
-    if _triton_here(x):
+    if triton_support.available(x):
         from .seeded_dropout_triton import triton_dropped
         return triton_dropped(x, seed, _threshold(p), 1.0 / (1.0 - p))
     return _drop(x, seed, p)
