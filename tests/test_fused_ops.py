@@ -133,6 +133,30 @@ def test_routed_low_rank_linear_gradcheck(groups, p):
     torch.testing.assert_close(probs, ref_probs, rtol=1e-12, atol=1e-12)
 
 
+def _ref_gated_routed(gate, up, *rest):
+    return _ref_routed(F.silu(gate) * up, *rest)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gated_routed_mlp_gradcheck(groups, p):
+    """The routed down_proj fed silu(gate) * up, which it recomputes in backward."""
+    torch.manual_seed(3)
+    base = _frozen_linear(8, 5, True)
+    E, r = 3, 2
+    gate, up = (torch.randn(7, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    R = torch.randn(E, 8, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(groups * r, 8, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, E * r, dtype=torch.float64, requires_grad=True)
+
+    def fn(gate, up, R, A, B):
+        return fused_ops.GatedRoutedLowRankMLP.apply(gate, up, base.weight, base.bias, R, A, B, r, p, 5)
+
+    assert torch.autograd.gradcheck(fn, (gate, up, R, A, B))
+    for got, want in zip(fn(gate, up, R, A, B), _ref_gated_routed(gate, up, base.weight, base.bias, R, A, B, r, p, 5)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_dropout_mask_is_a_seeded_inverted_dropout():
     like = torch.empty(200, 100)
     mask = seeded_dropout.dropout_mask(like, 0.3, 7)
@@ -250,11 +274,14 @@ def test_routed_model_gradients_match_autograd(kind, dropout):
                 m.gate.weight.normal_(0, 0.5)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with mock.patch.object(fused_ops.RoutedLowRankLinear, "apply",
-                           wraps=fused_ops.RoutedLowRankLinear.apply) as routed:
+                           wraps=fused_ops.RoutedLowRankLinear.apply) as routed, \
+            mock.patch.object(fused_ops.GatedRoutedLowRankMLP, "apply",
+                              wraps=fused_ops.GatedRoutedLowRankMLP.apply) as gated:
         loss, grads = _routed_grads(model, ids, custom=True)
-    assert routed.call_count == 14
+    assert (routed.call_count, gated.call_count) == (12, 2)      # down_proj fed (gate, up)
     if dropout:
-        with mock.patch.object(fused_ops.RoutedLowRankLinear, "apply", _ref_routed):
+        with mock.patch.object(fused_ops.RoutedLowRankLinear, "apply", _ref_routed), \
+                mock.patch.object(fused_ops.GatedRoutedLowRankMLP, "apply", _ref_gated_routed):
             ref_loss, ref = _routed_grads(model, ids, custom=True)
     else:
         ref_loss, ref = _routed_grads(model, ids, custom=False)
@@ -307,6 +334,20 @@ def test_adapted_model_keeps_no_more_than_the_frozen_one(dropout):
     extra = 2 * (2 * tokens * 64 * 4)
     assert fused <= floor + extra * 1.25, (floor, fused, plain)
     assert plain >= floor + extra + 2 * tokens * 160 * 4, (floor, fused, plain)
+
+
+@pytest.mark.parametrize("kind", ["hydralora", "mole"])
+def test_routed_mlp_keeps_gate_and_up_not_their_product(kind):
+    """HydraLoRA's and MoLE's down_proj fed (gate, up): neither silu(gate) nor the product is kept,
+    where the model's own MLP keeps both (d_ff = 160, two layers)."""
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    cfg = MethodConfig(name=kind, r=4, alpha=8.0, dropout=0.0, **ROUTED[kind])
+    model = attach_adapter(_llama(torch.float32), cfg, TARGETS)
+    model.enable_input_require_grads()
+    fused = _saved_bytes(model, ids)
+    gated_mlp.uninstall(model)
+    apart = _saved_bytes(model, ids)
+    assert apart - fused >= 2 * 2 * ids.numel() * 160 * 4, (fused, apart)
 
 
 def test_merged_model_restores_the_mlp_forward():

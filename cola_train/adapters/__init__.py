@@ -80,9 +80,9 @@ def attach_adapter(model: nn.Module, method_cfg, default_targets: Optional[List[
         for layer in layers.values():
             layer.lora_A.requires_grad_(False)
             layer.lora_B.requires_grad_(False)
-    if cfg.kind == "cola":
-        gated_mlp.install(model)
-        shared_qkv.install(model)
+    if cfg.kind in ("cola", "hydralora", "mole"):
+        gated_mlp.install(model)   # the layers that take (gate, up=up) say so (takes_gated_input)
+        shared_qkv.install(model)  # CoLA's layers only (shared_input_forward)
     set_info(model, {"method": cfg, "targets": targets})
     return model
 

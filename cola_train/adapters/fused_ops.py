@@ -37,6 +37,8 @@ the stored factors through autograd.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -213,6 +215,50 @@ def shared_input_low_rank(bases, x: torch.Tensor, factors) -> tuple:
     return SharedInputLowRank.apply(x, A, *rest)
 
 
+def _routed_update(x, weight, bias, R, A, B, r: int, p: float, seed):
+    """RoutedLowRankLinear's forward maths: (out, probs, h)."""
+    if p == 0.0:                                               # router and A's: one pass over x
+        logits, h = (x @ torch.cat([R, A]).t()).split([R.shape[0], A.shape[0]], dim=1)
+    else:
+        logits, h = x @ R.t(), dropped(x, p, seed) @ A.t()
+    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+    h = h.contiguous().view(x.shape[0], -1, r)
+    del logits
+    out = _update_and_base((probs.to(h.dtype).unsqueeze(-1) * h).flatten(1), B, x, weight, bias)
+    return out, probs, h
+
+
+def _routed_small_grads(g, g_probs, B, h, probs, r: int):
+    """(dB, d_logits, d_h): what needs neither x nor dx."""
+    gate = probs.to(h.dtype).unsqueeze(-1)                     # (T, E, 1)
+    weighted = (gate * h).flatten(1)                           # (T, E r)
+    dB = g.t() @ weighted
+    del weighted
+    d_w = (g @ B).view(g.shape[0], -1, r)                      # (T, E, r)
+    d_probs = (d_w * h).sum(-1).to(probs.dtype)
+    if g_probs is not None:
+        d_probs = d_probs + g_probs
+    d_logits = (probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))).to(g.dtype)
+    d_h = d_w * gate
+    if h.shape[1] == 1:                                        # shared A: sum over the heads
+        d_h = d_h.sum(1, keepdim=True)
+    return dB, d_logits, d_h.flatten(1)
+
+
+def _routed_input_grad(g, weight, R, A, d_logits, d_h, p: float, seed):
+    """dx = g W + d_logits R + drop(d_h A), in one buffer."""
+    if p == 0.0:
+        return (torch.cat([d_logits, d_h], dim=1) @ torch.cat([R, A])).addmm_(g, weight)
+    return _input_grad(g, weight, d_h, A, p, seed).addmm_(d_logits, R)
+
+
+def _routed_weight_grads(x, R, A, d_logits, d_h, p: float, seed):
+    """(dR, dA); without dropout in one pass over x."""
+    if p == 0.0:
+        return (torch.cat([d_logits, d_h], dim=1).t() @ x).split([R.shape[0], A.shape[0]])
+    return d_logits.t() @ x, _down_grad(d_h, x, p, seed)
+
+
 class RoutedLowRankLinear(torch.autograd.Function):
     """HydraLoRA and MoLE: a per-token softmax over E heads mixes low-rank updates.
 
@@ -226,14 +272,7 @@ class RoutedLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, R, A, B, r, p, seed):
-        if p == 0.0:                                               # router and A's: one pass over x
-            logits, h = (x @ torch.cat([R, A]).t()).split([R.shape[0], A.shape[0]], dim=1)
-        else:
-            logits, h = x @ R.t(), dropped(x, p, seed) @ A.t()
-        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-        h = h.contiguous().view(x.shape[0], -1, r)
-        del logits
-        out = _update_and_base((probs.to(h.dtype).unsqueeze(-1) * h).flatten(1), B, x, weight, bias)
+        out, probs, h = _routed_update(x, weight, bias, R, A, B, r, p, seed)
         ctx.p, ctx.r = p, r
         ctx.save_for_backward(x, weight, R, A, B, h, probs, _seed(p, seed, x))
         return out, probs
@@ -241,34 +280,38 @@ class RoutedLowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_probs):
         x, weight, R, A, B, h, probs, seed = ctx.saved_tensors
-        gate = probs.to(h.dtype).unsqueeze(-1)                     # (T, E, 1)
-        weighted = (gate * h).flatten(1)                           # (T, E r)
-        dB = g.t() @ weighted
-        del weighted
-        d_w = (g @ B).view(g.shape[0], -1, ctx.r)                  # (T, E, r)
-        d_probs = (d_w * h).sum(-1).to(probs.dtype)
-        if g_probs is not None:
-            d_probs = d_probs + g_probs
-        d_logits = (probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))).to(x.dtype)
-        d_h = d_w * gate
-        if h.shape[1] == 1:                                        # shared A: sum over the heads
-            d_h = d_h.sum(1, keepdim=True)
-        d_h = d_h.flatten(1)
-        dx = None
-        if ctx.p == 0.0:                                           # dR and dA: one pass over x
-            d_both = torch.cat([d_logits, d_h], dim=1)
-            dR, dA = (d_both.t() @ x).split([R.shape[0], A.shape[0]])
-            if ctx.needs_input_grad[0]:
-                dx = (d_both @ torch.cat([R, A])).addmm_(g, weight)
-        else:
-            dR = d_logits.t() @ x
-            dA = _down_grad(d_h, x, ctx.p, seed)
-            if ctx.needs_input_grad[0]:
-                dx = _input_grad(g, weight, d_h, A, ctx.p, seed).addmm_(d_logits, R)
+        dB, d_logits, d_h = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
+        dR, dA = _routed_weight_grads(x, R, A, d_logits, d_h, ctx.p, seed)
+        dx = _routed_input_grad(g, weight, R, A, d_logits, d_h, ctx.p, seed) if ctx.needs_input_grad[0] else None
         return dx, None, None, dR, dA, dB, None, None, None
 
 
+class GatedRoutedLowRankMLP(torch.autograd.Function):
+    """RoutedLowRankLinear on x = silu(gate) * up (HydraLoRA's and MoLE's adapted down_proj): keeps
+    gate and up, not the d_ff-wide x, and recomputes x in backward, as GatedLowRankMLP does."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, R, A, B, r, p, seed):
+        x = gated_act.forward(gate, up)
+        out, probs, h = _routed_update(x, weight, bias, R, A, B, r, p, seed)
+        del x
+        ctx.p, ctx.r = p, r
+        ctx.save_for_backward(gate, up, weight, R, A, B, h, probs, _seed(p, seed, gate))
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, g, g_probs):
+        gate, up, weight, R, A, B, h, probs, seed = ctx.saved_tensors
+        dB, d_logits, d_h = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
+        dx = _routed_input_grad(g, weight, R, A, d_logits, d_h, ctx.p, seed)
+        x, dgate, dup = gated_act.backward(gate, up, dx)       # x again, for dR and dA
+        dR, dA = _routed_weight_grads(x, R, A, d_logits, d_h, ctx.p, seed)
+        return dgate, dup, None, None, dR, dA, dB, None, None, None
+
+
 def routed_low_rank_linear(base: nn.Linear, x: torch.Tensor, R: torch.Tensor, A: torch.Tensor,
-                           B: torch.Tensor, r: int, p: float = 0.0):
-    """(out, probs); see RoutedLowRankLinear."""
+                           B: torch.Tensor, r: int, p: float = 0.0, up: Optional[torch.Tensor] = None):
+    """(out, probs); see RoutedLowRankLinear. With up: x is gate, the input silu(gate) * up."""
+    if up is not None:
+        return _apply(GatedRoutedLowRankMLP, x, up, base.weight, base.bias, R, A, B, r, p=p)
     return _apply(RoutedLowRankLinear, x, base.weight, base.bias, R, A, B, r, p=p)

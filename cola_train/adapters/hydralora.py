@@ -20,6 +20,7 @@ from .layer import AdapterLinear, new_param
 
 class HydraLoRALinear(AdapterLinear):
     mergeable = False
+    takes_gated_input = True   # forward(gate, up=up): see gated_mlp.py
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
                  num_B: int, impl: str = "fused"):
@@ -44,21 +45,29 @@ class HydraLoRALinear(AdapterLinear):
     def route(self, x: torch.Tensor) -> torch.Tensor:
         return self._router_probs(self.router, x)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged or self.impl == "loop" or args or kwargs or self.fp32_path:
+    def forward(self, x: torch.Tensor, *args, up: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """self(x), or self(gate, up=up) for silu(gate) * up (a gated MLP's down_proj, gated_mlp.py)."""
+        plain = self.merged or self.impl == "loop" or self.fp32_path
+        if up is not None:
+            routed = None if plain else self._routed_forward(x, self.router, *self._factors(), up=up)
+            return self.forward(F.silu(x) * up) if routed is None else routed[0]
+        if plain or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        routed = self._routed_forward(x, self.router, self.lora_A,
-                                      self.lora_B.reshape(self.out_features, -1) * self.scaling)
+        routed = self._routed_forward(x, self.router, *self._factors())
         if routed is not None:
             return routed[0]
         return self._fused_forward(x, self._mixed)
+
+    def _factors(self):
+        """(A, [B_1 .. B_n] * s)."""
+        return self.lora_A, self.lora_B.reshape(self.out_features, -1) * self.scaling
 
     def _mixed(self, x: torch.Tensor):
         """(gate-weighted h, [B_1 .. B_n] * s): the update is their product."""
         gate = self.route(x)
         h = F.linear(self.dropout(self._cast_input(x, self.lora_A.dtype)), self.lora_A)
         weighted = (gate.to(h.dtype).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (..., n*r)
-        return weighted, self.lora_B.reshape(self.out_features, -1) * self.scaling
+        return weighted, self._factors()[1]
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "loop":

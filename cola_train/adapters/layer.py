@@ -113,16 +113,19 @@ class AdapterLinear(nn.Module):
     def _dropout_p(self) -> float:
         return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
 
-    def _routed_forward(self, x: torch.Tensor, router: nn.Linear, A: torch.Tensor, B: torch.Tensor):
+    def _routed_forward(self, x: torch.Tensor, router: nn.Linear, A: torch.Tensor, B: torch.Tensor,
+                        up: Optional[torch.Tensor] = None):
         """(output, router probabilities) through fused_ops.RoutedLowRankLinear (HydraLoRA, MoLE),
-        or None where it does not apply and the caller takes the plain path."""
+        or None where it does not apply and the caller takes the plain path. With up, x is a gated
+        MLP's gate and the input is silu(gate) * up (fused_ops.GatedRoutedLowRankMLP)."""
         x2 = x.reshape(-1, x.shape[-1])
+        u2 = None if up is None else up.reshape(-1, up.shape[-1])
         R, A, B = self._to_compute(x2, router.weight, A, B)
         if not (self.custom_backward and R.dtype == A.dtype == x2.dtype
-                and fused_ops.can_fuse(self.base_layer, x2, A, B)):
+                and (u2 is None or u2.dtype == x2.dtype) and fused_ops.can_fuse(self.base_layer, x2, A, B)):
             return None
         out, probs = fused_ops.routed_low_rank_linear(self.base_layer, x2, R, A, B, self.r,
-                                                      self._dropout_p())
+                                                      self._dropout_p(), up=u2)
         return out.view(*x.shape[:-1], out.shape[-1]), probs
 
     def _fused_forward(self, x: torch.Tensor, mixed) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .spec import AdapterError
 
 class MoLELinear(AdapterLinear):
     mergeable = False
+    takes_gated_input = True   # forward(gate, up=up): see gated_mlp.py
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
                  num_experts: int, balance_coef: float, impl: str = "fused"):
@@ -57,17 +58,28 @@ class MoLELinear(AdapterLinear):
     def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
         return self._router_probs(self.gate, x)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged or self.impl == "loop" or args or kwargs or self.fp32_path:
+    def forward(self, x: torch.Tensor, *args, up: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """self(x), or self(gate, up=up) for silu(gate) * up (a gated MLP's down_proj, gated_mlp.py)."""
+        plain = self.merged or self.impl == "loop" or self.fp32_path
+        if up is not None:
+            routed = None if plain else self._routed_forward(x, self.gate, *self._factors(), up=up)
+            if routed is None:
+                return self.forward(F.silu(x) * up)
+        elif plain or args or kwargs:
             return super().forward(x, *args, **kwargs)
+        else:
+            routed = self._routed_forward(x, self.gate, *self._factors())
+            if routed is None:
+                return self._fused_forward(x, self._mixed)
+        out, probs = routed
+        self.gate_mean = gate_mean(probs) if self.training else None
+        return out
+
+    def _factors(self):
+        """([A_1; ..; A_m], [B_1 .. B_m] * s)."""
         m, r = self.num_experts, self.r
-        routed = self._routed_forward(x, self.gate, self.lora_A.reshape(m * r, self.in_features),
-                                      self.lora_B.reshape(self.out_features, m * r) * self.scaling)
-        if routed is not None:
-            out, probs = routed
-            self.gate_mean = gate_mean(probs) if self.training else None
-            return out
-        return self._fused_forward(x, self._mixed)
+        return (self.lora_A.reshape(m * r, self.in_features),
+                self.lora_B.reshape(self.out_features, m * r) * self.scaling)
 
     def _gate_and_input(self, x: torch.Tensor):
         probs = self.gate_probs(x)
@@ -79,9 +91,10 @@ class MoLELinear(AdapterLinear):
         """(gate-weighted [A_1 x; ..; A_m x], [B_1 .. B_m] * s): the update is their product."""
         m = self.num_experts
         gate, xd = self._gate_and_input(x)
-        h = F.linear(xd, self.lora_A.reshape(m * self.r, self.in_features)).unflatten(-1, (m, self.r))
+        A, B = self._factors()
+        h = F.linear(xd, A).unflatten(-1, (m, self.r))
         weighted = (h * gate.unsqueeze(-1)).flatten(-2)
-        return weighted, self.lora_B.reshape(self.out_features, m * self.r) * self.scaling
+        return weighted, B
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "loop":
