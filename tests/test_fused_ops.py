@@ -409,3 +409,27 @@ def test_shared_qkv_hands_each_output_back_once():
     assert all(m.hand_back is None for m in model.modules() if isinstance(m, CoLALinear))
     plain = merged_model(model)
     assert shared_qkv.install(plain) == 0 and not any("forward" in m.__dict__ for m in plain.modules())
+
+
+@pytest.mark.parametrize("cfg", [_cola("heuristic"), _cola("random", 0.1),
+                                 MethodConfig(name="hydralora", r=4, alpha=8.0, dropout=0.0, **ROUTED["hydralora"]),
+                                 MethodConfig(name="mole", r=4, alpha=8.0, dropout=0.1, **ROUTED["mole"])],
+                         ids=["cola_heuristic", "cola_random_dropout", "hydralora", "mole_dropout"])
+def test_gradient_checkpointing_recomputes_the_fused_paths_exactly(cfg):
+    """With model.gradient_checkpointing=true each decoder layer is replayed in backward: the shared
+    q/k/v and gate/up calls, the gated MLPs and the dropout seeds must give the same loss and
+    gradients as a run that keeps its activations."""
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    model = attach_adapter(_llama(torch.float64), cfg, TARGETS)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_(0, 0.1)
+    model.config.use_cache = False
+    loss, grads = _routed_grads(model, ids, custom=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.layers[0].gradient_checkpointing
+    ckpt_loss, ckpt = _routed_grads(model, ids, custom=True)
+    torch.testing.assert_close(ckpt_loss, loss, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(ckpt[name], grads[name], rtol=1e-10, atol=1e-12, msg=name)

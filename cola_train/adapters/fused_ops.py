@@ -13,9 +13,12 @@ it would keep extra activations alive. These functions cut that traffic and memo
   update. It saves gate and up, which the frozen model keeps too, and recomputes the product in
   backward (gated_act: one Triton kernel each way on a GPU). The frozen model would store
   silu(gate) and the product, so an adapted MLP keeps less than a frozen one.
-* `SharedInputLowRank`: adapted linears that read the same x (a gated MLP's gate and up), without
-  dropout: one GEMM for all their z = x A_i^T, one for dA, one for the adapters' part of dx, onto
-  which every base input gradient accumulates (autograd would write one dx per linear and sum them).
+* `SharedInputLowRank`: adapted linears that read the same x (an attention's q, k and v; a gated
+  MLP's gate and up), without dropout: one GEMM for all their z = x A_i^T, one for dA, one for the
+  adapters' part of dx, onto which every base input gradient accumulates (autograd would write one
+  dx per linear and sum them).
+* `RoutedLowRankLinear` (HydraLoRA, MoLE) and `GatedRoutedLowRankMLP`, the same on a gated MLP's
+  down_proj, keeping gate and up as GatedLowRankMLP does.
 * The update is written first and the base GEMM accumulates onto it (`addmm_`, beta = 1): the
   GEMM's epilogue reads it, for free, where adding it afterwards would read and write the
   activation-sized output once more. The same holds for dx in backward. For HydraLoRA and MoLE
