@@ -232,7 +232,8 @@ def _routed_update(x, weight, bias, R, A, B, r: int, p: float, seed):
 
 
 def _routed_small_grads(g, g_probs, B, h, probs, r: int):
-    """(dB, d_logits, d_h): what needs neither x nor dx."""
+    """(dB, [d_logits | d_h]): what needs neither x nor dx. The two gradients side by side, as the
+    router and the A's sit side by side in one GEMM without dropout."""
     gate = probs.to(h.dtype).unsqueeze(-1)                     # (T, E, 1)
     weighted = (gate * h).flatten(1)                           # (T, E r)
     dB = g.t() @ weighted
@@ -245,20 +246,22 @@ def _routed_small_grads(g, g_probs, B, h, probs, r: int):
     d_h = d_w * gate
     if h.shape[1] == 1:                                        # shared A: sum over the heads
         d_h = d_h.sum(1, keepdim=True)
-    return dB, d_logits, d_h.flatten(1)
+    return dB, torch.cat([d_logits, d_h.flatten(1)], dim=1)
 
 
-def _routed_input_grad(g, weight, R, A, d_logits, d_h, p: float, seed):
+def _routed_input_grad(g, weight, R, A, d_both, p: float, seed):
     """dx = g W + d_logits R + drop(d_h A), in one buffer."""
     if p == 0.0:
-        return (torch.cat([d_logits, d_h], dim=1) @ torch.cat([R, A])).addmm_(g, weight)
+        return (d_both @ torch.cat([R, A])).addmm_(g, weight)
+    d_logits, d_h = d_both.split([R.shape[0], A.shape[0]], dim=1)
     return _input_grad(g, weight, d_h, A, p, seed).addmm_(d_logits, R)
 
 
-def _routed_weight_grads(x, R, A, d_logits, d_h, p: float, seed):
+def _routed_weight_grads(x, R, A, d_both, p: float, seed):
     """(dR, dA); without dropout in one pass over x."""
     if p == 0.0:
-        return (torch.cat([d_logits, d_h], dim=1).t() @ x).split([R.shape[0], A.shape[0]])
+        return (d_both.t() @ x).split([R.shape[0], A.shape[0]])
+    d_logits, d_h = d_both.split([R.shape[0], A.shape[0]], dim=1)
     return d_logits.t() @ x, _down_grad(d_h, x, p, seed)
 
 
@@ -283,9 +286,9 @@ class RoutedLowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_probs):
         x, weight, R, A, B, h, probs, seed = ctx.saved_tensors
-        dB, d_logits, d_h = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
-        dR, dA = _routed_weight_grads(x, R, A, d_logits, d_h, ctx.p, seed)
-        dx = _routed_input_grad(g, weight, R, A, d_logits, d_h, ctx.p, seed) if ctx.needs_input_grad[0] else None
+        dB, d_both = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
+        dR, dA = _routed_weight_grads(x, R, A, d_both, ctx.p, seed)
+        dx = _routed_input_grad(g, weight, R, A, d_both, ctx.p, seed) if ctx.needs_input_grad[0] else None
         return dx, None, None, dR, dA, dB, None, None, None
 
 
@@ -305,10 +308,10 @@ class GatedRoutedLowRankMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_probs):
         gate, up, weight, R, A, B, h, probs, seed = ctx.saved_tensors
-        dB, d_logits, d_h = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
-        dx = _routed_input_grad(g, weight, R, A, d_logits, d_h, ctx.p, seed)
+        dB, d_both = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
+        dx = _routed_input_grad(g, weight, R, A, d_both, ctx.p, seed)
         x, dgate, dup = gated_act.backward(gate, up, dx)       # x again, for dR and dA
-        dR, dA = _routed_weight_grads(x, R, A, d_logits, d_h, ctx.p, seed)
+        dR, dA = _routed_weight_grads(x, R, A, d_both, ctx.p, seed)
         return dgate, dup, None, None, dR, dA, dB, None, None, None
 
 
