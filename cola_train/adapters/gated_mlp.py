@@ -27,13 +27,9 @@ def _takes_gated_input(module: nn.Module) -> bool:
 
 
 def _shared_input(mlp: nn.Module, x):
-    """(gate, up) from one call where both are adapters of one class that can share their input
+    """(gate, up) from one call where both are adapters that can share their input
     (CoLALinear.shared_input_forward: one GEMM over x for both A's), else None."""
-    gate, up = mlp.gate_proj, mlp.up_proj
-    shared = getattr(type(gate), "shared_input_forward", None)
-    if shared is None or type(up) is not type(gate):
-        return None
-    return shared([gate, up], x)
+    return instance_forward.together([mlp.gate_proj, mlp.up_proj], x)
 
 
 class GatedForward:

@@ -2,11 +2,13 @@
 
 Why an object rather than a function bound to the module: it pickles and deep-copies with the
 model, and torch.compile guards a bound method by its function's code, the same in every layer, so
-one compiled graph serves them all (gated_mlp.GatedForward says more)."""
+one compiled graph serves them all (gated_mlp.GatedForward says more). Both patched forwards also
+ask whether sibling linears reading one input can run as one call (can_share, together)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, List, Optional, Sequence
 
+import torch
 from torch import nn
 
 
@@ -30,3 +32,16 @@ def uninstall(model: nn.Module, forward_type: type) -> None:
     for module in model.modules():
         if routing(module, forward_type) is not None:
             del module.forward
+
+
+def can_share(modules: Sequence) -> bool:
+    """Modules that read one input and can run as one call: all of one class that has a
+    shared_input_forward (CoLALinear's)."""
+    cls = type(modules[0])
+    return hasattr(cls, "shared_input_forward") and all(type(m) is cls for m in modules)
+
+
+def together(modules: Sequence[nn.Module], x: torch.Tensor) -> Optional[List[torch.Tensor]]:
+    """[m(x) for m in modules] from one shared_input_forward call, or None where they cannot share
+    (can_share) or that call declines."""
+    return type(modules[0]).shared_input_forward(modules, x) if can_share(modules) else None

@@ -16,11 +16,8 @@ from . import instance_forward
 _PROJS = ("q_proj", "k_proj", "v_proj")
 
 
-def _projections(module: nn.Module):
-    projs = [getattr(module, name, None) for name in _PROJS]
-    if not all(isinstance(p, nn.Module) for p in projs) or len({type(p) for p in projs}) != 1:
-        return None
-    return projs if hasattr(type(projs[0]), "shared_input_forward") else None
+def _shares_qkv(module: nn.Module) -> bool:
+    return instance_forward.can_share([getattr(module, name, None) for name in _PROJS])
 
 
 class SharedQKVForward:
@@ -32,8 +29,8 @@ class SharedQKVForward:
     def __call__(self, *args, **kwargs):
         attn = self.attn
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        projs = _projections(attn)
-        outs = None if projs is None else type(projs[0]).shared_input_forward(projs, x)
+        projs = [getattr(attn, name) for name in _PROJS]
+        outs = instance_forward.together(projs, x)
         if outs is None:
             return type(attn).forward(attn, *args, **kwargs)
         for proj, out in zip(projs, outs):
@@ -46,7 +43,7 @@ class SharedQKVForward:
 
 
 def install(model: nn.Module) -> int:
-    return instance_forward.install(model, lambda m: _projections(m) is not None, SharedQKVForward)
+    return instance_forward.install(model, _shares_qkv, SharedQKVForward)
 
 
 def routing(module: nn.Module):
