@@ -369,6 +369,17 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("bench_throughput.json"))
     args = ap.parse_args(argv)
 
+    def picks(s: str, name: str) -> bool:
+        return s.lower() == name.lower() if args.exact else s.lower() in name.lower()
+
+    for s in args.only or []:   # a typo would otherwise drop a variant from the table, silently
+        if not any(picks(s, name) for name in VARIANTS):
+            ap.error(f"--only {s!r} {'is' if args.exact else 'is in'} no variant name; the variants: "
+                     + "; ".join(VARIANTS))
+    chosen = [(name, variant) for name, variant in VARIANTS.items()
+              if not (args.only and not any(picks(s, name) for s in args.only))
+              and not (variant == "fft" and args.skip_fft)]
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = "small" if args.small else args.model
@@ -385,10 +396,6 @@ def main(argv=None):
           f"r=8, num_A=2, num_B=3, targets={','.join(targets)}; matmul peak {peak:.0f} TFLOP/s"
           f"{'; decoder layers compiled' if args.compile else ''}", flush=True)
 
-    chosen = [(name, variant) for name, variant in VARIANTS.items()
-              if not (args.only and not any(s.lower() == name.lower() if args.exact else s.lower() in name.lower()
-                                            for s in args.only))
-              and not (variant == "fft" and args.skip_fft)]
     best, rounds = {}, {}
     for rnd in range(args.rounds):
         for name, variant in chosen:

@@ -65,6 +65,18 @@ def test_bench_compile_undo_leaves_the_plain_layers():
     assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in base.modules())
 
 
+@pytest.mark.parametrize("args", [["--exact", "--only", "MoLE"], ["--only", "floor", "HydraLoRA (n=4)"]])
+def test_bench_refuses_an_only_name_that_picks_nothing(args, capsys):
+    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--small", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--only {args[-1]!r}" in err and "frozen base (floor)" in err
+
+
 def test_kernel_bench_small_runs(capsys):
     spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT.parent / "bench_kernels.py")
     bench = importlib.util.module_from_spec(spec)
