@@ -27,15 +27,9 @@ def data_root() -> Path:
 
 def compose(overrides: list[str]):
     """The config `python -m cola_train <overrides>` would run, composed in-process."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from cola_train.compose import compose as compose_job
 
-    from cola_train.config import register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_job(overrides)
 
 
 TINY = ["model=tiny_llama", "data=math", "data.max_samples=8", "data.max_val_samples=8",
