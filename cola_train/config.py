@@ -101,6 +101,7 @@ class TrainerConfig:
     master_weights: bool = True                # bf16/fp16 without DeepSpeed: fp32 trainable weights
     fp32_adapter_path: bool = False            # bf16/fp16: the adapters' low-rank path in fp32 (fp32_path.py)
     compile: bool = False                      # torch.compile each transformer block (regional_compile.py)
+    kernels: str = "auto"                      # auto | liger | none: fused model kernels under the adapters (kernels.py)
     logging_steps: int = 10
     eval_steps: int = 0                        # 0: evaluate at the end only
     save_steps: int = 0                        # 0: save at the end only
@@ -159,6 +160,7 @@ _CHOICES = {
     "method.impl": ("fused", "loop"),
     "data.template": ("chat", "plain"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
+    "trainer.kernels": ("auto", "liger", "none"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("online", "offline", "disabled"),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
 from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
+from . import kernels
+from .phases import Phases, StepTimer
 from .regional_compile import compile_blocks
 from .results import completed_results, write_json_atomic
 
@@ -66,17 +69,25 @@ def training_arguments(cfg, out: Path, report_to: list[str]):
     )
 
 
-def build_model(cfg):
-    """Tokenizer, base model and the method's adapter, checked before any data is read."""
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
+def build_model(cfg, phases: Phases | None = None):
+    """Tokenizer, base model and the method's adapter, checked before any data is read. Returns
+    (tokenizer, model, the fused kernels applied under the adapters)."""
+    phases = phases or Phases()
+    with phases("model load"):
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
+        if torch.cuda.is_available() and cfg.deepspeed.name == "none":
+            # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
+            model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     targets = cfg.method.target_modules or target_modules(cfg.model)
     if cfg.method.kind != "none":
         check_targets(model, list(targets))
-    if torch.cuda.is_available() and cfg.deepspeed.name == "none":
-        # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
-        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets))  # chain: its base
+    choice, why = kernels.choose(cfg.trainer.kernels, cfg.model.family, torch.cuda.is_available())
+    if choice == "none" and cfg.trainer.kernels == "auto" and torch.cuda.is_available():
+        log.info("fused model kernels: none (%s)", why)
+    applied = kernels.apply(model, choice, distributed.zero_stage(cfg) == 3, list(targets))
+    with phases("adapter init"):
+        model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets))  # chain: its base
     mixed = any(_precision(cfg).values())
     if mixed and cfg.trainer.master_weights and not distributed.deepspeed_enabled(cfg):
         log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))
@@ -84,14 +95,15 @@ def build_model(cfg):
             log.info("fp32 low-rank path: %d adapted layers", adapters.fp32_path.enable(model))
     if cfg.trainer.compile:
         log.info("torch.compile: %d blocks, in place", len(compile_blocks(model)))
-    return tokenizer, model
+    return tokenizer, model, applied
 
 
-def build_data(cfg, tokenizer):
-    records = load_domain_records(cfg.data)
-    train, val = split_train_val(records, cfg.data, cfg.seed)
-    encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len)
-    return encode(train), (encode(val) if val else None)
+def build_data(cfg, tokenizer, phases: Phases | None = None):
+    with (phases or Phases())("data load and tokenization"):
+        records = load_domain_records(cfg.data)
+        train, val = split_train_val(records, cfg.data, cfg.seed)
+        encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len)
+        return encode(train), (encode(val) if val else None)
 
 
 def _benchmark(cfg, model, tokenizer) -> dict | None:
@@ -117,22 +129,25 @@ def run(cfg, out: Path) -> dict:
         return done
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    tokenizer, model = build_model(cfg)
-    train_ds, val_ds = build_data(cfg, tokenizer)
+    phases = Phases()
+    tokenizer, model, applied_kernels = build_model(cfg, phases)
+    train_ds, val_ds = build_data(cfg, tokenizer, phases)
     report_to = _setup_logger(cfg, out)
     args = training_arguments(cfg, out, report_to)
     preemption = distributed.preemption_callback()  # SLURM: checkpoint + requeue on the signal
     no_gradient = [] if distributed.deepspeed_enabled(cfg) else [StopWithoutGradient()]
     totals = RunTotals(EnergyMeter(), tokens_so_far=lambda: trainer.trained_tokens)  # trainer: next line
-    trainer = ColaTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        # totals before the marker: a checkpoint marked complete holds the run's totals so far
-        callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
-                   StopOnNonFiniteLoss(), *no_gradient, totals, CheckpointCompleteMarker(), preemption],
-    )
+    timer = StepTimer(phases, tokens_so_far=lambda: trainer.trained_tokens)
+    with phases("trainer set-up"):
+        trainer = ColaTrainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            # totals before the marker: a checkpoint marked complete holds the run's totals so far
+            callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
+                       StopOnNonFiniteLoss(), *no_gradient, totals, timer, CheckpointCompleteMarker(), preemption],
+        )
     schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
-    results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True),
+    results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True), "kernels": applied_kernels,
                "n_train_samples": len(train_ds), "n_val_samples": len(val_ds) if val_ds else 0}
     trainable, total = adapters.trainable_parameters(model)
     results["params"] = {"trainable": trainable, "total": total}
@@ -148,7 +163,9 @@ def run(cfg, out: Path) -> dict:
     chain.resume(schedule, checkpoint)  # replay merged links first
     totals.resume_from(checkpoint)  # tokens, time and energy of the segments before this one
     totals.start()
-    train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    timer.train_called_at = time.time()
+    with phases("training"):
+        train_out = trainer.train(resume_from_checkpoint=checkpoint)
     if preemption.preempted(trainer.state):
         distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
     whole = totals.totals()  # every segment of the run, every rank's tokens
@@ -159,12 +176,14 @@ def run(cfg, out: Path) -> dict:
                         "tokens_per_s": whole["tokens"] / max(whole["runtime_s"], 1e-9),
                         "resumed": bool(resume), "segments": whole["segments"],
                         "counted_from_step": whole["counted_from_step"]}
-    eval_after = trainer.evaluate()["eval_loss"] if val_ds else None
+    with phases("validation loss"):
+        eval_after = trainer.evaluate()["eval_loss"] if val_ds else None
     if eval_before is None and val_ds and cfg.eval.before:
         eval_before = distributed.eval_loss_at_start(trainer)  # DeepSpeed: evaluated inside train()
     results["eval"] = {"loss_before": eval_before, "loss": eval_after}
     if cfg.eval.enabled and bench_here:
-        bench = _benchmark(cfg, model, tokenizer)
+        with phases("benchmark"):
+            bench = _benchmark(cfg, model, tokenizer)
         if bench_before is not None:
             bench["accuracy_before"] = bench_before.get("accuracy")
         results["benchmark"] = bench
@@ -172,7 +191,11 @@ def run(cfg, out: Path) -> dict:
         results["benchmark"] = None
     if schedule is not None:
         results["chain"] = schedule.summary()  # per link: steps, rank, loss at the switch, |dW|
-    distributed.save_weights(cfg, trainer, model, out, adapters.save_adapter)  # collective; rank 0 writes
+    with phases("adapter save"):
+        distributed.save_weights(cfg, trainer, model, out, adapters.save_adapter)  # collective; rank 0 writes
+    per_sequence = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    results["timings"] = {**{k: round(v, 3) for k, v in phases.seconds.items()},
+                          **timer.summary(seq_len=_mean_sequence(timer, per_sequence))}
     if trainer.is_world_process_zero():
         results["status"] = "completed"
         write_json_atomic(out / "results.json", results)
@@ -181,6 +204,12 @@ def run(cfg, out: Path) -> dict:
     if report_to:
         _finish_wandb(results)
     return results
+
+
+def _mean_sequence(timer: StepTimer, sequences_per_step: int) -> float | None:
+    """Tokens per sequence over the trained steps (the attention term of the FLOPs count)."""
+    tokens = sum(t for _, _, t in timer.steps)
+    return tokens / (len(timer.steps) * sequences_per_step) if timer.steps else None
 
 
 def _finish_wandb(results: dict) -> None:

@@ -18,6 +18,9 @@ def install(model: nn.Module, wanted: Callable[[nn.Module], bool], forward_type:
     for module in model.modules():
         if wanted(module):
             module.forward = forward_type(module).__call__
+            # a class name another instance patch gave (Liger's SwiGLU, kernels.py) no longer says
+            # what runs: the forward is ours now, and print(model) shows the module's own class
+            module.__dict__.pop("_get_name", None)
             count += 1
     return count
 
