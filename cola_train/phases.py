@@ -110,6 +110,7 @@ class StepTimer(TrainerCallback):
         self.train_called_at: float | None = None   # set by the caller just before trainer.train()
         self.model_shape = None
         self._ended: float | None = None
+        self.peak_gib: float | None = None
         self.saves: list[dict] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -123,6 +124,13 @@ class StepTimer(TrainerCallback):
             self.model_shape = (n, n_train, getattr(cfg, "num_hidden_layers", 0) or 0,
                                 getattr(cfg, "hidden_size", 0) or 0)
         self._mark()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Peak memory of training alone (the validation loss and the benchmark come after)."""
+        import torch
+
+        if torch.cuda.is_available():
+            self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._t is None:
@@ -160,8 +168,6 @@ class StepTimer(TrainerCallback):
         self._t, self._tokens = time.perf_counter(), self.tokens_so_far()
 
     def summary(self, seq_len: float | None) -> dict:
-        import torch
-
         steady = self.steps[self.warm:] if len(self.steps) > self.warm else self.steps[1:]
         out = {"time_to_first_step_s": None if self.first_step_at is None else self.first_step_at - _PROCESS_START,
                # trainer.train() called -> first step done: optimizer, data loader, engine set-up
@@ -180,8 +186,7 @@ class StepTimer(TrainerCallback):
             n, n_train, layers, width = self.model_shape
             flops = flops_per_token(n, n_train, layers, width, seq_len)
             out["mfu"] = flops * out["steady_tokens_per_s"] / (peak * 1e12)   # this rank's tokens, one GPU
-        if torch.cuda.is_available():
-            out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_gib"] = self.peak_gib
         return out
 
 

@@ -96,8 +96,7 @@ def test_liger_base_with_our_adapters_matches_the_plain_base(method):
     def build():
         model = _tiny_llama(0).cuda()
         torch.manual_seed(1)
-        method = MethodConfig(name=method, r=8, alpha=16, dropout=0.0, init="lora", **cfgs[method])
-        return model, method
+        return model, MethodConfig(name=method, r=8, alpha=16, dropout=0.0, init="lora", **cfgs[method])
 
     rope = modeling_llama.apply_rotary_pos_emb
     try:
