@@ -48,6 +48,7 @@ class MethodConfig:
     num_A: int = 1
     num_B: int = 1
     impl: str = "fused"                        # fused | loop (the per-pair oracle)
+    pairing: str = "paper"                     # heuristic: paper (the paper's formula) | code (the authors' code)
     # MoLE
     balance_coef: float = 0.01
     expert_paths: List[str] = field(default_factory=list)
@@ -158,6 +159,7 @@ _CHOICES = {
     "method.strategy": ("fully", "random", "heuristic"),
     "method.init": ("lora", "pissa"),
     "method.impl": ("fused", "loop"),
+    "method.pairing": ("paper", "code"),
     "data.template": ("chat", "plain"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.kernels": ("auto", "liger", "none"),
