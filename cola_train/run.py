@@ -116,6 +116,7 @@ def _benchmark(cfg, model, tokenizer) -> dict | None:
 def run(cfg, out: Path) -> dict:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
+    from .eval.scoring import check_tokenizer
     from .run_totals import RunTotals
     from .trainer import (CheckpointCompleteMarker, ColaTrainer, MetricsFileCallback,
                           ResampleCallback, StopOnNonFiniteLoss, StopWithoutGradient)
@@ -131,6 +132,7 @@ def run(cfg, out: Path) -> dict:
     set_seed(cfg.seed)
     phases = Phases()
     tokenizer, model, applied_kernels = build_model(cfg, phases)
+    check_tokenizer(cfg.eval, tokenizer)  # eval.chat_template needs a template: stop now, not after training
     train_ds, val_ds = build_data(cfg, tokenizer, phases)
     report_to = _setup_logger(cfg, out)
     args = training_arguments(cfg, out, report_to)

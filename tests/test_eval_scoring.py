@@ -181,3 +181,18 @@ def test_scoring_values(value, names):
 def test_bad_scoring_is_one_line(value):
     with pytest.raises(ConfigError, match=r"eval.scoring=.* must be one or more distinct of letter, cloze"):
         scoring_list(value)
+
+
+def test_chat_template_without_a_template_stops_the_cli_before_training(tmp_path):
+    """tiny_llama's byte tokenizer has no chat template: one line, exit 2, before any step."""
+    from conftest import TINY, run_cli
+
+    args = [a for a in TINY if a != "eval=none"] + ["eval.chat_template=true", f"hydra.run.dir={tmp_path}"]
+    proc = run_cli(args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: eval.chat_template=true but the tokenizer ") and \
+        lines[0].endswith(" has no chat template; set eval.chat_template=false or model.tokenizer to one "
+                          "that has a template"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() or (tmp_path / "metrics.jsonl").read_text() == ""

@@ -7,9 +7,16 @@ import logging
 from ..config import scoring_list
 from .benchmarks import LETTERS, EvalDataError, benchmark_for_domain, load_benchmark, select_subset
 from .cloze import cloze_scores
-from .scorer import letter_logits
+from .scorer import ANSWER_CUE, chat_prompt, letter_logits
 
 log = logging.getLogger("cola_train.eval")
+
+
+def check_tokenizer(eval_cfg, tokenizer) -> None:
+    """Before training: the benchmark's prompt can be built with this tokenizer (a missing chat
+    template would otherwise stop the run at its end, after the training it throws away)."""
+    if getattr(eval_cfg, "enabled", True) and getattr(eval_cfg, "chat_template", False):
+        chat_prompt(tokenizer, ANSWER_CUE)
 
 
 def _accuracy(chosen: list[dict], scores: list[list[float]]) -> tuple[dict, list[str]]:
