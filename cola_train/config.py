@@ -48,6 +48,7 @@ class MethodConfig:
     num_A: int = 1
     num_B: int = 1
     impl: str = "fused"                        # fused | loop (the per-pair oracle)
+    pairing: str = "paper"                     # heuristic: paper (the paper's formula) | code (the authors' code)
     # MoLE
     balance_coef: float = 0.01
     expert_paths: List[str] = field(default_factory=list)
@@ -92,6 +93,8 @@ class TrainerConfig:
     batch_size: int = 4
     eval_batch_size: int = 8
     grad_accum: int = 1
+    # Optimizer-step batch over all devices: grad_accum is derived from it at run time (batching.py)
+    effective_batch: Optional[int] = None
     lr: float = 5e-5
     weight_decay: float = 0.0
     scheduler: str = "cosine"
@@ -128,6 +131,12 @@ class EvalConfig:
     max_examples: Optional[int] = None
     batch_size: int = 16
     skip_bad_rows: bool = False
+    # true: each prompt is the user turn of the tokenizer's chat template, scored after the
+    # generation prompt (the authors' LLaMA-Factory evaluator); false: plain text
+    chat_template: bool = False
+    # letter (next-token logits of the option letters) and/or cloze (length-normalised option
+    # log-likelihood): a name or a list; the first one fills benchmark.accuracy (eval/scoring.py)
+    scoring: Any = field(default_factory=lambda: ["letter"])
 
 
 @dataclass
@@ -158,12 +167,25 @@ _CHOICES = {
     "method.strategy": ("fully", "random", "heuristic"),
     "method.init": ("lora", "pissa"),
     "method.impl": ("fused", "loop"),
+    "method.pairing": ("paper", "code"),
     "data.template": ("chat", "plain"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.kernels": ("auto", "liger", "none"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("online", "offline", "disabled"),
 }
+
+
+SCORINGS = ("letter", "cloze")
+
+
+def scoring_list(value) -> List[str]:
+    """eval.scoring as a list of names ("cloze" or [letter, cloze]); ConfigError naming a bad one."""
+    names = [value] if isinstance(value, (str, int, float)) or value is None else list(value)
+    if not names or any(n not in SCORINGS for n in names) or len(set(names)) != len(names):
+        shown = value if isinstance(value, str) else "[" + ",".join(map(str, names)) + "]"
+        raise ConfigError(f"eval.scoring={shown} must be one or more distinct of {', '.join(SCORINGS)}")
+    return names
 
 
 def _get(cfg, dotted: str):
@@ -173,11 +195,16 @@ def _get(cfg, dotted: str):
 
 
 def validate(cfg) -> None:
-    """Cross-field checks that types cannot express; raise ConfigError with one line."""
+    """Cross-field checks that types cannot express; raise ConfigError with one line. Also sets
+    trainer.grad_accum from trainer.effective_batch (the one value derived here, batching.py)."""
+    from .batching import apply_effective_batch
+
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    apply_effective_batch(cfg)
+    scoring_list(cfg.eval.scoring)
     d, t, m = cfg.data, cfg.trainer, cfg.method
     from .data.sampling import check_sample_config
 

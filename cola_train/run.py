@@ -116,6 +116,7 @@ def _benchmark(cfg, model, tokenizer) -> dict | None:
 def run(cfg, out: Path) -> dict:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
+    from .eval.scoring import check_tokenizer
     from .run_totals import RunTotals
     from .trainer import (CheckpointCompleteMarker, ColaTrainer, MetricsFileCallback,
                           ResampleCallback, StopOnNonFiniteLoss, StopWithoutGradient)
@@ -131,6 +132,7 @@ def run(cfg, out: Path) -> dict:
     set_seed(cfg.seed)
     phases = Phases()
     tokenizer, model, applied_kernels = build_model(cfg, phases)
+    check_tokenizer(cfg.eval, tokenizer)  # eval.chat_template needs a template: stop now, not after training
     train_ds, val_ds = build_data(cfg, tokenizer, phases)
     report_to = _setup_logger(cfg, out)
     args = training_arguments(cfg, out, report_to)
@@ -237,8 +239,11 @@ def summary_line(results: dict, out: Path) -> str:
     parts = [f"eval loss {fmt(ev['loss_before'])} -> {fmt(ev['loss'])}" if ev["loss_before"] is not None
              else f"eval loss {fmt(ev['loss'])}"]
     if bench:
-        acc = f"{bench['name']} accuracy {fmt(bench.get('accuracy_before'))} -> {fmt(bench['accuracy'])}" \
-            if bench.get("accuracy_before") is not None else f"{bench['name']} accuracy {fmt(bench['accuracy'])}"
+        label = f"{bench['name']} {bench['scoring'][0]}" if bench.get("scoring") else bench["name"]
+        acc = f"{label} accuracy {fmt(bench.get('accuracy_before'))} -> {fmt(bench['accuracy'])}" \
+            if bench.get("accuracy_before") is not None else f"{label} accuracy {fmt(bench['accuracy'])}"
+        for name, numbers in list((bench.get("by_scoring") or {}).items())[1:]:  # eval.scoring's others
+            acc += f", {name} {fmt(numbers['accuracy'])}"
         parts.append(f"{acc} ({bench['n_examples']} questions)")
     parts.append(f"{results['train']['tokens_per_s']:.0f} tokens/s")
     return f"[cola_train] {run_name_from(results)}: " + "; ".join(parts) + f"; results in {out / 'results.json'}"

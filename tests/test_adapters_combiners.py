@@ -24,8 +24,27 @@ COUNTS = list(itertools.product(range(1, 5), range(1, 5)))
 
 
 # -- independent references ---------------------------------------------------------------------
-def heuristic_pairs(m: int, n: int):
-    """The issue's rule, written out as (A index, B index) pairs."""
+def paper_pairs(m: int, n: int):
+    """The CoLA paper's heuristic formula, read term by term, as (A index, B index) pairs:
+    m <= n: B_1A_1 + ... + B_{m-1}A_{m-1} + (B_m + ... + B_n)A_m;
+    m > n (roles swapped): B_1A_1 + ... + B_{n-1}A_{n-1} + B_n(A_n + ... + A_m)."""
+    terms = []
+    if m <= n:
+        for t in range(1, m):                 # B_t A_t, 1-based as the paper writes it
+            terms.append((t, t))
+        for j in range(m, n + 1):             # (B_m + ... + B_n) A_m
+            terms.append((m, j))
+    else:
+        for t in range(1, n):
+            terms.append((t, t))
+        for i in range(n, m + 1):             # B_n (A_n + ... + A_m)
+            terms.append((i, n))
+    return sorted((i - 1, j - 1) for i, j in terms)
+
+
+def code_pairs(m: int, n: int):
+    """The authors' code's rule, written out as (A index, B index) pairs: each A takes n // m
+    consecutive B's, the leftover B's go round-robin from A_1 (roles swapped when m > n)."""
     if n >= m:
         k = n // m
         owner = [j // k for j in range(m * k)] + [t % m for t in range(n - m * k)]
@@ -35,11 +54,16 @@ def heuristic_pairs(m: int, n: int):
     return sorted((i, owner[i]) for i in range(m))
 
 
-def pairs_for(strategy, m, n, training, layer):
+HEURISTIC_PAIRS = {"paper": paper_pairs, "code": code_pairs}
+# (strategy, method.pairing): the pairing only changes the heuristic strategy
+STRATEGIES = [("fully", "paper"), ("random", "paper"), ("heuristic", "paper"), ("heuristic", "code")]
+
+
+def pairs_for(strategy, m, n, training, layer, rule="paper"):
     if strategy == "fully":
         return [(i, j, 1.0) for i in range(m) for j in range(n)]
     if strategy == "heuristic":
-        return [(i, j, 1.0) for i, j in heuristic_pairs(m, n)]
+        return [(i, j, 1.0) for i, j in HEURISTIC_PAIRS[rule](m, n)]
     if not training:  # expectation over draws: each A with the mean of the B's
         return [(i, j, 1.0 / n) for i in range(m) for j in range(n)]
     P = layer.pairing.detach().cpu()
@@ -58,11 +82,12 @@ def shapes(seed):
     return rng.randint(3, 12), rng.randint(3, 12), rng.randint(1, 4)
 
 
-def make_cola(strategy, m, n, impl="fused", seed=0, dropout=0.0):
+def make_cola(strategy, m, n, impl="fused", seed=0, dropout=0.0, rule="paper"):
     d_in, d_out, r = shapes(seed * 100 + m * 10 + n)
     torch.manual_seed(seed)
     base = nn.Linear(d_in, d_out, dtype=F64)
-    layer = CoLALinear(base, r, alpha=3.0, dropout=dropout, num_A=m, num_B=n, strategy=strategy, impl=impl)
+    layer = CoLALinear(base, r, alpha=3.0, dropout=dropout, num_A=m, num_B=n, strategy=strategy, impl=impl,
+                       pairing_rule=rule)
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()  # zero B's would hide every B-side mistake
@@ -91,10 +116,10 @@ def oracle_and_grads(layer, x, g, pairs):
 
 # -- CoLA -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("m,n", COUNTS)
-@pytest.mark.parametrize("strategy", ["fully", "random", "heuristic"])
-def test_cola_fused_and_loop_match_oracle_with_grads(strategy, m, n):
-    fused = make_cola(strategy, m, n, "fused")
-    loop = make_cola(strategy, m, n, "loop")
+@pytest.mark.parametrize("strategy,rule", STRATEGIES)
+def test_cola_fused_and_loop_match_oracle_with_grads(strategy, rule, m, n):
+    fused = make_cola(strategy, m, n, "fused", rule=rule)
+    loop = make_cola(strategy, m, n, "loop", rule=rule)
     if strategy == "random":  # a non-trivial draw, shared by both
         resample(fused, step=3, seed=7)
         resample(loop, step=3, seed=7)
@@ -103,7 +128,7 @@ def test_cola_fused_and_loop_match_oracle_with_grads(strategy, m, n):
     g = torch.randn(2, 5, fused.out_features, dtype=F64)
     for training in (True, False):
         fused.train(training), loop.train(training)
-        ref = oracle_and_grads(fused, x, g, pairs_for(strategy, m, n, training, fused))
+        ref = oracle_and_grads(fused, x, g, pairs_for(strategy, m, n, training, fused, rule))
         for layer in (fused, loop):
             got = run_and_grads(layer, x, g)
             for name, a, b in zip(("y", "dx", "dA", "dB"), got, ref):
@@ -111,29 +136,48 @@ def test_cola_fused_and_loop_match_oracle_with_grads(strategy, m, n):
 
 
 @pytest.mark.parametrize("m,n", [(2, 3), (3, 2)])
-@pytest.mark.parametrize("strategy", ["random", "heuristic"])
-def test_cola_fused_matches_oracle_after_a_rank_change(strategy, m, n):
+@pytest.mark.parametrize("strategy,rule", STRATEGIES[1:])
+def test_cola_fused_matches_oracle_after_a_rank_change(strategy, rule, m, n):
     """Chain of LoRA's next link at a new rank: the grouping matrix (pairing.mixing_matrix) follows."""
-    layer = make_cola(strategy, m, n, "fused")
+    layer = make_cola(strategy, m, n, "fused", rule=rule)
     layer.reinit(rank=layer.r + 2)
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(2, 5, layer.in_features, dtype=F64)
     g = torch.randn(2, 5, layer.out_features, dtype=F64)
-    ref = oracle_and_grads(layer, x, g, pairs_for(strategy, m, n, True, layer))
+    ref = oracle_and_grads(layer, x, g, pairs_for(strategy, m, n, True, layer, rule))
     for name, a, b in zip(("y", "dx", "dA", "dB"), run_and_grads(layer, x, g), ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("m,n", [(1, 1), (2, 3), (3, 2), (4, 4)])
 def test_cola_merge_factors_equal_eval_update(m, n):
-    for strategy in ("fully", "random", "heuristic"):
-        layer = make_cola(strategy, m, n).eval()
+    for strategy, rule in STRATEGIES:
+        layer = make_cola(strategy, m, n, rule=rule).eval()
         x = torch.randn(7, layer.in_features, dtype=F64)
         A, B = layer.factors()
         torch.testing.assert_close(layer(x) - layer.base_layer(x), x @ A.T @ B.T)
         if strategy == "fully":
             assert A.shape[0] == layer.r  # fully collaborative collapses to rank r
+
+
+@pytest.mark.parametrize("impl", ["fused", "loop"])
+def test_heuristic_paper_pairing_is_the_papers_formula(impl):
+    """The paper's example written out as matrices, not pairs: (2, 3) gives
+    s [B1 A1 + (B2 + B3) A2] x and the reversed (3, 2) gives s [B1 A1 + B2 (A2 + A3)] x;
+    the code pairing differs from it (B3 goes with A1 there)."""
+    for m, n in ((2, 3), (3, 2)):
+        layer = make_cola("heuristic", m, n, impl).eval()
+        A = [layer.lora_A[i].detach() for i in range(m)]
+        B = [layer.lora_B[:, j].detach() for j in range(n)]
+        dW = B[0] @ A[0] + ((B[1] + B[2]) @ A[1] if (m, n) == (2, 3) else B[1] @ (A[1] + A[2]))
+        x = torch.randn(4, layer.in_features, dtype=F64)
+        with torch.no_grad():
+            got = layer(x) - layer.base_layer(x)
+            code = make_cola("heuristic", m, n, impl, rule="code").eval()
+            other = code(x) - code.base_layer(x)
+        torch.testing.assert_close(got, layer.scaling * x @ dW.T, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(other, got)
 
 
 @pytest.mark.parametrize("m,n,expected", [
@@ -145,11 +189,45 @@ def test_cola_merge_factors_equal_eval_update(m, n):
     (5, 2, [(0, 0), (1, 0), (2, 1), (3, 1), (4, 0)]),
     (4, 1, [(0, 0), (1, 0), (2, 0), (3, 0)]),
 ])
-def test_heuristic_table_hand_checked(m, n, expected):
-    P = pairing.heuristic(m, n)
+def test_heuristic_code_table_hand_checked(m, n, expected):
+    """method.pairing=code: the authors' released code (each A takes n // m consecutive B's,
+    leftovers round-robin from A_1)."""
+    P = pairing.heuristic(m, n, "code")
     assert P.shape == (n, m)
     assert sorted((i, j) for j, i in zip(*torch.nonzero(P, as_tuple=True))) == expected
-    assert heuristic_pairs(m, n) == expected
+    assert code_pairs(m, n) == expected
+
+
+@pytest.mark.parametrize("m,n,expected", [
+    (1, 3, [(0, 0), (0, 1), (0, 2)]),
+    (2, 3, [(0, 0), (1, 1), (1, 2)]),                    # A1:{B1}, A2:{B2, B3}: the paper's example
+    (2, 5, [(0, 0), (1, 1), (1, 2), (1, 3), (1, 4)]),
+    (3, 3, [(0, 0), (1, 1), (2, 2)]),
+    (3, 2, [(0, 0), (1, 1), (2, 1)]),                    # B2 takes A2 and A3
+    (5, 2, [(0, 0), (1, 1), (2, 1), (3, 1), (4, 1)]),
+    (4, 1, [(0, 0), (1, 0), (2, 0), (3, 0)]),
+])
+def test_heuristic_paper_table_hand_checked(m, n, expected):
+    """method.pairing=paper (the default): the paper's formula."""
+    P = pairing.heuristic(m, n, "paper")
+    assert torch.equal(P, pairing.heuristic(m, n))
+    assert sorted((i, j) for j, i in zip(*torch.nonzero(P, as_tuple=True))) == expected
+    assert paper_pairs(m, n) == expected
+
+
+@pytest.mark.parametrize("rule", ["paper", "code"])
+@pytest.mark.parametrize("m,n", COUNTS)
+def test_heuristic_has_max_m_n_pairs_and_covers_every_factor(rule, m, n):
+    """Both definitions use every A and every B once on the larger side (the split-PiSSA init
+    divides by the pair count, pairing.total_weight)."""
+    P = pairing.heuristic(m, n, rule)
+    assert P.sum() == pairing.total_weight("heuristic", m, n) == max(m, n)
+    assert bool((P.sum(0) > 0).all()) and bool((P.sum(1) > 0).all())
+
+
+def test_heuristic_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="method.pairing='papr' is not one of paper, code"):
+        pairing.heuristic(2, 3, "papr")
 
 
 def test_random_draws_differ_across_steps_and_are_reproducible():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from cola_train.adapters import (AdapterLinear, CoLALinear, MoLELinear, attach_adapter, aux_loss, export_peft,
+from cola_train.adapters import (AdapterError, AdapterLinear, CoLALinear, MoLELinear, attach_adapter, aux_loss, export_peft,
                                  load_adapter, merge_adapter, merged_model, reinit_adapter, resample,
                                  save_adapter, trainable_parameters, unmerge_adapter)
 from cola_train.config import MethodConfig
@@ -76,11 +76,12 @@ def close(a, b, atol=1e-5):
 
 # -- step 0 ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("m,n", [(1, 1), (1, 4), (2, 3), (3, 2), (4, 1), (4, 4)])
-@pytest.mark.parametrize("strategy", ["fully", "random", "heuristic"])
-def test_split_pissa_step0_equals_base(strategy, m, n):
+@pytest.mark.parametrize("strategy,pairing", [("fully", "paper"), ("random", "paper"), ("heuristic", "paper"),
+                                              ("heuristic", "code")])
+def test_split_pissa_step0_equals_base(strategy, pairing, m, n):
     ref = logits(llama())
-    model = attach_adapter(llama(), method("cola_fully", strategy=strategy, num_A=m, num_B=n, init="pissa"),
-                           LLAMA_TARGETS)
+    model = attach_adapter(llama(), method("cola_fully", strategy=strategy, num_A=m, num_B=n, init="pissa",
+                                           pairing=pairing), LLAMA_TARGETS)
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight,
                            llama().model.layers[0].self_attn.q_proj.weight)  # the residual moved out
     close(logits(model), ref)
@@ -152,6 +153,41 @@ def test_load_adapter_into_opt_and_with_matching_config(tmp_path):
     save_adapter(model, tmp_path)
     loaded = load_adapter(opt(), str(tmp_path), method_cfg=cfg)
     close(logits(loaded), logits(model), atol=1e-6)
+
+
+@pytest.mark.parametrize("pairing", ["paper", "code"])
+def test_saved_heuristic_adapter_keeps_its_pairing(tmp_path, pairing):
+    """A loaded adapter computes with the pairing it was trained with (cola_adapter.json records
+    it); asking for the other one is a mismatch, like any structural field."""
+    other = {"paper": "code", "code": "paper"}[pairing]
+    model = attach_adapter(llama(), method("cola_heuristic", pairing=pairing), LLAMA_TARGETS)
+    perturb(model)
+    expected = logits(model)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(llama(), str(tmp_path))
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert layer.pairing_rule == pairing
+    close(logits(loaded), expected, atol=1e-6)
+    with pytest.raises(AdapterError, match=f"pairing '{pairing}' != '{other}'"):
+        load_adapter(llama(), str(tmp_path), method_cfg=method("cola_heuristic", pairing=other))
+
+
+def test_adapter_saved_before_pairing_was_recorded_loads_with_the_code_pairing(tmp_path):
+    """cola_adapter.json files written before method.pairing existed have no such field: those
+    adapters were trained with the authors' code pairing (the only one then)."""
+    import json
+
+    model = attach_adapter(llama(), method("cola_heuristic", pairing="code"), LLAMA_TARGETS)
+    perturb(model)
+    expected = logits(model)
+    save_adapter(model, tmp_path)
+    meta_path = tmp_path / "cola_adapter.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["method"].pop("pairing") == "code"
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_adapter(llama(), str(tmp_path))
+    assert loaded.model.layers[0].self_attn.q_proj.pairing_rule == "code"
+    close(logits(loaded), expected, atol=1e-6)
 
 
 # -- merge / merged_model / export ---------------------------------------------------------------

@@ -188,9 +188,9 @@ def _llama(dtype):
     return LlamaForCausalLM(cfg).to(dtype)
 
 
-def _cola(strategy, dropout=0.0):
+def _cola(strategy, dropout=0.0, pairing="paper"):
     return MethodConfig(name=f"cola_{strategy}", kind="cola", strategy=strategy, num_A=2, num_B=3, r=4,
-                        alpha=8.0, dropout=dropout, init="pissa")
+                        alpha=8.0, dropout=dropout, init="pissa", pairing=pairing)
 
 
 def _grads(model, ids, custom, seed=0):
@@ -207,13 +207,14 @@ def _grads(model, ids, custom, seed=0):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("strategy", ["fully", "random", "heuristic"])
+@pytest.mark.parametrize("strategy,pairing", [("fully", "paper"), ("random", "paper"), ("heuristic", "paper"),
+                                              ("heuristic", "code")])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_model_gradients_match_autograd(strategy, dropout):
+def test_model_gradients_match_autograd(strategy, pairing, dropout):
     """Loss and every adapter gradient (float64) equal to the same forward differentiated by
     autograd: the plain path without dropout; with dropout, the plain-op twins of the fused
     functions drawing the same masks (nn.Dropout draws from another stream)."""
-    model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout), TARGETS)
+    model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout, pairing), TARGETS)
     assert sum(1 for m in model.modules() if "forward" in m.__dict__) == 4  # both MLPs and attentions routed
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     shared_apply = fused_ops.SharedInputLowRank.apply

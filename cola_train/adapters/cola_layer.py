@@ -41,20 +41,22 @@ class CoLALinear(AdapterLinear):
     group_shared_inputs = True  # shared_input_forward applies (False: the benchmark's before/after)
     hand_back = None            # (x, output) set by shared_qkv for this module's next call on x
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float,
-                 num_A: int, num_B: int, strategy: str, impl: str = "fused"):
+                 num_A: int, num_B: int, strategy: str, impl: str = "fused", pairing_rule: str = "paper"):
         super().__init__(base_layer, r, alpha, dropout)
         self.num_A, self.num_B, self.strategy, self.impl = num_A, num_B, strategy, impl
+        self.pairing_rule = pairing_rule   # heuristic only: the paper's or the authors' code's (pairing.py)
         fac = self._factory()
         self.lora_A = new_param((num_A, r, self.in_features), fac)
         self.lora_B = new_param((self.out_features, num_B, r), fac)
         inits.kaiming_(self.lora_A.data)
         self.register_buffer("pairing", torch.zeros(num_B, num_A, **fac), persistent=False)
         self.register_buffer("mixing", torch.zeros(num_B * r, num_A * r, **fac), persistent=False)
-        self.set_pairing(pairing.initial(strategy, num_A, num_B))
+        self.set_pairing(pairing.initial(strategy, num_A, num_B, pairing_rule))
 
     @classmethod
     def from_config(cls, base_layer: nn.Linear, cfg) -> "CoLALinear":
-        return cls(base_layer, cfg.r, cfg.alpha, cfg.dropout, cfg.num_A, cfg.num_B, cfg.strategy, cfg.impl)
+        return cls(base_layer, cfg.r, cfg.alpha, cfg.dropout, cfg.num_A, cfg.num_B, cfg.strategy, cfg.impl,
+                   cfg.pairing)
 
     # -- pairing -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,8 +198,9 @@ class CoLALinear(AdapterLinear):
         self.lora_B.data.zero_()
 
     def extra_repr(self) -> str:
+        pairing_rule = f", pairing={self.pairing_rule}" if self.strategy == "heuristic" else ""
         return (f"{super().extra_repr()}, num_A={self.num_A}, num_B={self.num_B}, "
-                f"strategy={self.strategy}, impl={self.impl}")
+                f"strategy={self.strategy}{pairing_rule}, impl={self.impl}")
 
 
 def resample(model: nn.Module, step: int, seed: int) -> None:

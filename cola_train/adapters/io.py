@@ -28,7 +28,9 @@ META = "cola_adapter.json"
 WEIGHTS = "cola_adapter.safetensors"
 PEFT_RECORD = "cola_peft_record.safetensors"
 FORMAT = "cola_train.adapter/1"
-STRUCTURAL = ("kind", "strategy", "num_A", "num_B", "r", "init", "use_dora")
+STRUCTURAL = ("kind", "strategy", "pairing", "num_A", "num_B", "r", "init", "use_dora")
+# An adapter saved before method.pairing existed was trained with the authors' code pairing.
+PAIRING_BEFORE_RECORDED = "code"
 
 
 # -- adapter info kept on the model ------------------------------------------------------------
@@ -62,6 +64,9 @@ def our_layers(model: nn.Module) -> Dict[str, AdapterLinear]:
 
 
 def _describe(cfg) -> str:
+    if cfg.kind == "cola" and cfg.strategy == "heuristic":
+        return (f"cola/heuristic (pairing={cfg.pairing}, num_A={cfg.num_A}, num_B={cfg.num_B}, r={cfg.r}, "
+                f"init={cfg.init})")
     if cfg.kind == "cola":
         return f"cola/{cfg.strategy} (num_A={cfg.num_A}, num_B={cfg.num_B}, r={cfg.r}, init={cfg.init})"
     if cfg.kind == "hydralora":
@@ -124,6 +129,8 @@ def check_same_method(saved, given, directory: str) -> None:
     for field in STRUCTURAL:
         if field == "strategy" and saved.kind != "cola":
             continue
+        if field == "pairing" and (saved.kind, saved.strategy) != ("cola", "heuristic"):
+            continue
         if getattr(saved, field) != getattr(given, field):
             raise AdapterError(
                 f"adapter in {directory!r} is {_describe(saved)} but the config asks for {_describe(given)}: "
@@ -139,7 +146,7 @@ def load_adapter(base_model: nn.Module, directory: Union[str, os.PathLike], meth
     from . import attach_adapter  # the registry lives in __init__
 
     meta = read_meta(directory)
-    cfg = method_config(meta["method"])
+    cfg = method_config({"pairing": PAIRING_BEFORE_RECORDED, **meta["method"]})
     validate(cfg)
     if method_cfg is not None:
         given = method_config(method_cfg)

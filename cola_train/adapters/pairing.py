@@ -14,14 +14,32 @@ def fully(m: int, n: int) -> torch.Tensor:
     return torch.ones(n, m)
 
 
-def heuristic(m: int, n: int) -> torch.Tensor:
-    """Fixed pairing: with k = n // m, A_1 takes B_1..B_k, A_2 the next k, ...; leftover B's go
-    to A_1, A_2, ... in turn. When m > n the roles swap (each B takes m // n A's)."""
+RULES = ("paper", "code")
+
+
+def heuristic(m: int, n: int, rule: str = "paper") -> torch.Tensor:
+    """Fixed pairing of the heuristic strategy; both definitions pair every B with one A (m <= n),
+    or every A with one B (m > n), so the adapter has max(m, n) pairs either way.
+
+    paper: the CoLA paper's text, for m <= n
+        dW = s [B_1 A_1 + ... + B_{m-1} A_{m-1} + (B_m + ... + B_n) A_m],
+    i.e. A_i takes B_i and the last A takes all the remaining B's; (2, 3) gives A1:{B1}, A2:{B2, B3}.
+    For m > n (CoLA-T, more A's than B's) the same rule with the roles swapped:
+        dW = s [B_1 A_1 + ... + B_{n-1} A_{n-1} + B_n (A_n + ... + A_m)].
+    code: the authors' released code: with k = n // m, A_1 takes B_1..B_k, A_2 the next k, ...;
+    the leftover B's go to A_1, A_2, ... in turn; (2, 3) gives A1:{B1, B3}, A2:{B2}. When m > n
+    the roles swap (each B takes m // n consecutive A's, leftovers round-robin from B_1).
+    """
+    if rule not in RULES:
+        raise ValueError(f"method.pairing={rule!r} is not one of {', '.join(RULES)}")
     P = torch.zeros(n, m)
     small, large = (m, n) if n >= m else (n, m)
     k = large // small
     for idx in range(large):
-        owner = idx // k if idx < small * k else (idx - small * k) % small
+        if rule == "paper":
+            owner = min(idx, small - 1)
+        else:
+            owner = idx // k if idx < small * k else (idx - small * k) % small
         if n >= m:
             P[idx, owner] = 1.0  # B_idx belongs to A_owner
         else:
@@ -42,11 +60,11 @@ def expected_random(m: int, n: int) -> torch.Tensor:
     return torch.full((n, m), 1.0 / n)
 
 
-def initial(strategy: str, m: int, n: int) -> torch.Tensor:
+def initial(strategy: str, m: int, n: int, rule: str = "paper") -> torch.Tensor:
     if strategy == "fully":
         return fully(m, n)
     if strategy == "heuristic":
-        return heuristic(m, n)
+        return heuristic(m, n, rule)
     return draw(m, n, generator(seed=0, step=0))
 
 

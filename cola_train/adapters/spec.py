@@ -16,6 +16,7 @@ KINDS = ("none", "peft", "cola", "hydralora", "mole")
 STRATEGIES = ("fully", "random", "heuristic")
 INITS = ("lora", "pissa")
 IMPLS = ("fused", "loop")
+PAIRINGS = ("paper", "code")   # pairing.RULES: the heuristic strategy's two definitions
 
 
 class AdapterError(ValueError):
@@ -83,6 +84,8 @@ def validate(cfg: MethodConfig) -> None:
             raise AdapterError(
                 f"unknown method.strategy {cfg.strategy!r} (expected one of {', '.join(STRATEGIES)})"
             )
+        if cfg.pairing not in PAIRINGS:
+            raise AdapterError(f"unknown method.pairing {cfg.pairing!r} (expected one of {', '.join(PAIRINGS)})")
     elif cfg.kind == "hydralora":
         if cfg.num_A != 1:
             raise AdapterError(f"hydralora shares one A across its B heads: num_A must be 1, got {cfg.num_A}")

@@ -1,6 +1,6 @@
 """Zero-shot multiple choice by option fill, batched, on the model being trained.
 
-Prompt (plain text, no chat template, as in the paper's evaluation):
+Prompt (eval.chat_template=false, plain text):
 
     The following are multiple choice questions (with answers) about <subject>.
 
@@ -10,11 +10,18 @@ Prompt (plain text, no chat template, as in the paper's evaluation):
     ...
     Answer:
 
-The model reads the prompt once; the prediction is the option letter whose token gets the
-highest next-token logit at the end of the prompt, among this question's letters only.
+With eval.chat_template=true that whole text, "Answer:" included, is the user turn of the
+tokenizer's chat template followed by its generation prompt (the assistant header), and the
+letter is scored as the first token of the assistant's reply: what the authors' evaluator
+(LLaMA-Factory with `--template llama3`) does.
+
+Letter scoring (eval.scoring=letter): the model reads the prompt once; the prediction is the
+option letter whose token gets the highest next-token logit at the end of the prompt, among this
+question's letters only. Cloze scoring (eval.scoring=cloze) is in cloze.py.
 
 Letter-token rule (`letter_tokens`): the letter's token is what the tokenizer produces for the
-text that follows "Answer:", i.e. encode("Answer: A") minus encode("Answer:"). For BPE
+text that follows "Answer:", i.e. encode("Answer: A") minus encode("Answer:") (chat template:
+encode(<prompt> + "A") minus encode(<prompt>), no space, as the reply starts with the letter). For BPE
 vocabularies with a space-letter token (Llama 3, GPT-2, OPT: " A"; SentencePiece: "▁A") that
 is one token. Tokenizers that split the space off (byte-level without merges, some
 SentencePiece setups) give [space, A]: the part shared by every letter (the space) is appended
@@ -29,8 +36,7 @@ from typing import Any
 
 import torch
 
-from .benchmarks import (LETTERS, EvalDataError, benchmark_for_domain, load_benchmark,
-                         select_subset)
+from .benchmarks import LETTERS, EvalDataError
 
 log = logging.getLogger("cola_train.eval")
 
@@ -46,19 +52,42 @@ def build_prompt(example: dict) -> str:
     return "\n".join(lines)
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as the user turn of the tokenizer's chat template, ending with the generation
+    prompt (the assistant header), so the next token is the first of the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise EvalDataError(f"eval.chat_template=true but the tokenizer {name!r} has no chat template; "
+                            "set eval.chat_template=false or model.tokenizer to one that has a template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, text: str, chat_template: bool) -> list[int]:
+    """Token ids of a prompt: plain text with the tokenizer's special tokens (BOS), or the chat
+    template's text as it stands (the template writes its own BOS, as data/template.py trains)."""
+    if chat_template:
+        return _encode(tokenizer, chat_prompt(tokenizer, text))
+    return list(tokenizer(text)["input_ids"])
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def letter_tokens(tokenizer, n_letters: int = len(LETTERS)) -> tuple[list[int], list[int]]:
-    """(ids appended to every prompt after "Answer:", one token id per letter A, B, ...)."""
-    cue = _encode(tokenizer, ANSWER_CUE)
+def letter_tokens(tokenizer, n_letters: int = len(LETTERS),
+                  chat_template: bool = False) -> tuple[list[int], list[int]]:
+    """(ids appended to every prompt after "Answer:", one token id per letter A, B, ...); with
+    the chat template, the letter follows the generation prompt directly (no space)."""
+    cue_text, sep = (chat_prompt(tokenizer, ANSWER_CUE), "") if chat_template else (ANSWER_CUE, " ")
+    where = "the chat template's generation prompt" if chat_template else repr(ANSWER_CUE)
+    cue = _encode(tokenizer, cue_text)
     tails = []
     for letter in LETTERS[:n_letters]:
-        full = _encode(tokenizer, f"{ANSWER_CUE} {letter}")
+        full = _encode(tokenizer, f"{cue_text}{sep}{letter}")
         if full[: len(cue)] != cue:
-            raise EvalDataError(f"tokenizer encodes {ANSWER_CUE!r} differently when followed by "
-                                f"' {letter}': cannot find the answer letter's token")
+            raise EvalDataError(f"tokenizer encodes {where} differently when followed by "
+                                f"{sep + letter!r}: cannot find the answer letter's token")
         tails.append(full[len(cue):])
     shared = 0
     while all(len(t) > shared + 1 for t in tails) and len({t[shared] for t in tails}) == 1:
@@ -67,7 +96,7 @@ def letter_tokens(tokenizer, n_letters: int = len(LETTERS)) -> tuple[list[int], 
     if any(len(t) != shared + 1 for t in tails):
         bad = [LETTERS[i] for i, t in enumerate(tails) if len(t) != shared + 1]
         raise EvalDataError(f"answer letter(s) {', '.join(bad)} are not a single token after "
-                            f"{ANSWER_CUE!r} with this tokenizer")
+                            f"{where} with this tokenizer")
     ids = [t[shared] for t in tails]
     if len(set(ids)) != len(ids):
         raise EvalDataError("two answer letters share a token id with this tokenizer")
@@ -120,7 +149,8 @@ def _max_length(model, tokenizer) -> int | None:
 
 def letter_logits(model, tokenizer, examples: list[dict], batch_size: int = 16,
                   device=None, max_length: int | None = None,
-                  progress: bool | None = None) -> tuple[list[list[float]], int]:
+                  progress: bool | None = None,
+                  chat_template: bool = False) -> tuple[list[list[float]], int]:
     """The next-token logits of each example's option letters at the end of its prompt.
 
     Returns (per example: [logit of A, logit of B, ...], number of prompts left-truncated).
@@ -131,36 +161,49 @@ def letter_logits(model, tokenizer, examples: list[dict], batch_size: int = 16,
     if not examples:
         return [], 0
     n_letters = max(len(ex["options"]) for ex in examples)
-    prefix, ids = letter_tokens(tokenizer, n_letters)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
-    if pad_id is None:
-        pad_id = 0  # any id works: padded positions are masked out and never read
+    prefix, ids = letter_tokens(tokenizer, n_letters, chat_template)
     max_length = max_length or _max_length(model, tokenizer)
-    device = torch.device(device) if device is not None else _model_device(model)
-    accepted = _forward_kwargs(model)
-
     encoded, truncated = [], 0
     for ex in examples:
-        seq = list(tokenizer(build_prompt(ex))["input_ids"]) + prefix
+        seq = prompt_ids(tokenizer, build_prompt(ex), chat_template) + prefix
         if max_length and len(seq) > max_length:
             seq, truncated = seq[-max_length:], truncated + 1
         encoded.append(seq)
     if truncated:
         log.warning("%d prompt(s) longer than %d tokens were cut from the left", truncated,
                     max_length)
+    scores: list[list[float] | None] = [None] * len(examples)
+    letter_index = None
+    for batch, logits in batched_logits(model, tokenizer, encoded, batch_size, device,
+                                        keep=lambda rows: 1, progress=progress):
+        if letter_index is None:
+            letter_index = torch.tensor(ids, device=logits.device)
+        last = logits[:, -1, :].float().index_select(-1, letter_index).cpu()
+        for row, i in enumerate(batch):
+            scores[i] = last[row, : len(examples[i]["options"])].tolist()
+    return scores, truncated  # type: ignore[return-value]
 
+
+def batched_logits(model, tokenizer, encoded: list[list[int]], batch_size: int, device=None,
+                   keep=lambda rows: 1, progress: bool | None = None, desc: str = "benchmark"):
+    """Yield (row indices, logits of the last keep(rows) positions) over length-sorted,
+    left-padded batches of the token sequences `encoded`; the model in eval mode, no grad,
+    its training mode restored at the end. Position ids start at 0 on each row's first real
+    token, so every row sees exactly what it would see alone."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    if pad_id is None:
+        pad_id = 0  # any id works: padded positions are masked out and never read
+    device = torch.device(device) if device is not None else _model_device(model)
+    accepted = _forward_kwargs(model)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    scores: list[list[float] | None] = [None] * len(examples)
-    letter_index = torch.tensor(ids, device=device)
-
     if progress is None:
         progress = len(batches) >= 20
     try:
         from tqdm.auto import tqdm
-        batch_iter = tqdm(batches, desc="benchmark", unit="batch", disable=not progress)
+        batch_iter = tqdm(batches, desc=desc, unit="batch", disable=not progress)
     except ImportError:  # pragma: no cover
         batch_iter = batches
 
@@ -178,72 +221,15 @@ def letter_logits(model, tokenizer, examples: list[dict], batch_size: int = 16,
                     mask[row, width - len(seq):] = 1
                 kwargs: dict[str, Any] = {"input_ids": input_ids.to(device),
                                           "attention_mask": mask.to(device)}
+                n_keep = min(width, int(keep(batch)))
                 if "position_ids" in accepted:
                     kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
                 if "logits_to_keep" in accepted:
-                    kwargs["logits_to_keep"] = 1
+                    kwargs["logits_to_keep"] = n_keep
                 if "use_cache" in accepted:
                     kwargs["use_cache"] = False
                 out = model(**kwargs)
                 logits = out.logits if hasattr(out, "logits") else out[0]
-                last = logits[:, -1, :].float().index_select(-1, letter_index).cpu()
-                for row, i in enumerate(batch):
-                    scores[i] = last[row, : len(examples[i]["options"])].tolist()
+                yield batch, logits[:, -n_keep:, :]
     finally:
         model.train(was_training)
-    return scores, truncated  # type: ignore[return-value]
-
-
-def evaluate_benchmark(model, tokenizer, examples: list[dict], batch_size: int = 16,
-                       max_examples: int | None = None, device=None,
-                       return_predictions: bool = False) -> dict:
-    """Accuracy of `model` on `examples` (from a loader): micro (mean over examples), macro
-    (mean over subjects), per subject; n_skipped is the loader's count of skipped rows."""
-    n_skipped = getattr(examples, "n_skipped", 0)
-    chosen = select_subset(list(examples), max_examples)
-    if not chosen:
-        raise EvalDataError("no benchmark examples to evaluate")
-    scores, truncated = letter_logits(model, tokenizer, chosen, batch_size=batch_size,
-                                      device=device)
-    per_subject: dict[str, dict] = {}
-    predictions, n_correct = [], 0
-    for ex, s in zip(chosen, scores):
-        pred = LETTERS[max(range(len(s)), key=s.__getitem__)]
-        ok = pred == ex["answer"]
-        n_correct += ok
-        entry = per_subject.setdefault(ex["subject"], {"correct": 0, "n": 0})
-        entry["correct"] += ok
-        entry["n"] += 1
-        predictions.append({"source": ex["source"], "prediction": pred, "answer": ex["answer"]})
-    for entry in per_subject.values():
-        entry["accuracy"] = entry["correct"] / entry["n"]
-    result = {
-        "accuracy": n_correct / len(chosen),
-        "macro_accuracy": sum(e["accuracy"] for e in per_subject.values()) / len(per_subject),
-        "per_subject": dict(sorted(per_subject.items())),
-        "n_examples": len(chosen),
-        "n_skipped": n_skipped,
-        "n_truncated": truncated,
-    }
-    if return_predictions:
-        result["predictions"] = predictions
-    return result
-
-
-def run_benchmark(model, tokenizer, eval_cfg, domain: str, data_root) -> dict:
-    """Load the benchmark that `eval_cfg` (or else the domain) names and score the model."""
-    name = getattr(eval_cfg, "benchmark", None) or benchmark_for_domain(domain)
-    subjects = getattr(eval_cfg, "subjects", None)
-    if subjects is not None:
-        subjects = list(subjects)
-    examples = load_benchmark(name, data_root, subjects=subjects,
-                              skip_bad_rows=bool(getattr(eval_cfg, "skip_bad_rows", False)))
-    max_examples = getattr(eval_cfg, "max_examples", None)
-    result = evaluate_benchmark(model, tokenizer, examples,
-                                batch_size=int(getattr(eval_cfg, "batch_size", 16) or 16),
-                                max_examples=max_examples)
-    log.info("benchmark %s: accuracy %.4f (macro %.4f) on %d examples, %d row(s) skipped",
-             name, result["accuracy"], result["macro_accuracy"], result["n_examples"],
-             result["n_skipped"])
-    return {"name": name, **result, "subjects": subjects, "max_examples": max_examples,
-            "skipped_rows": list(getattr(examples, "skipped", []))}
