@@ -14,6 +14,7 @@ from . import adapters, chain, distributed
 from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
+from .data.sampling import describe_sample
 from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
 from .regional_compile import compile_blocks
 from .results import completed_results, write_json_atomic
@@ -90,6 +91,7 @@ def build_model(cfg):
 def build_data(cfg, tokenizer):
     records = load_domain_records(cfg.data)
     train, val = split_train_val(records, cfg.data, cfg.seed)
+    log.info(describe_sample(cfg.data, len(records)))  # fraction or max_samples: which one decided
     encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len)
     return encode(train), (encode(val) if val else None)
 
