@@ -33,6 +33,7 @@ from .effective import effective_config
 
 log = logging.getLogger("cola_train")
 
+
 class ReportError(RuntimeError):
     """Nothing to report on (no such dir, no job dirs): one line, exit code 2."""
 
@@ -162,12 +163,8 @@ def counts_whole_run(results: dict) -> bool:
     return not train.get("resumed", False)
 
 
-def _label(key: str) -> str:
+def _setting_name(key: str) -> str:
     return next((label for section, name, label in HYPER if key == f"{section}.{name}"), key)
-
-
-def _missing(flat: dict, key: str):
-    return flat.get(key, "<unset>")
 
 
 def summarize(jobs: list[Job]) -> list[dict]:
@@ -185,7 +182,7 @@ def summarize(jobs: list[Job]) -> list[dict]:
         cells.setdefault(tuple(str(flat.get(k, "?")) for k in CELL), []).append(flat)
     keys = sorted({k for flat, _ in groups.values() for k in flat} - set(CELL))
     varying = [k for k in keys
-               if any(len({repr(_missing(f, k)) for f in cell}) > 1 for cell in cells.values())]
+               if any(len({repr(f.get(k, "<unset>")) for f in cell}) > 1 for cell in cells.values())]
     hyper_order = [f"{section}.{name}" for section, name, _ in HYPER]
     varying.sort(key=lambda k: (hyper_order.index(k) if k in hyper_order else len(hyper_order), k))
     rows = []
@@ -198,7 +195,7 @@ def summarize(jobs: list[Job]) -> list[dict]:
         row = {"model": str(flat.get("model.name") or "?"), "method": str(flat.get("method.name") or "?"),
                "domain": str(flat.get("data.domain") or "?"),
                "n_train_samples": samples if isinstance(samples, int) else -1,
-               "settings": ", ".join(f"{_label(k)}={flat.get(k)}" for k in varying),
+               "settings": ", ".join(f"{_setting_name(k)}={flat.get(k)}" for k in varying),
                "n": len(seeds), "seeds": seeds, "jobs": len(members),
                "duplicates": {seed: [j.dir for j in by_seed[seed]] for seed in seeds if len(by_seed[seed]) > 1}}
         for name, _, path in METRICS:
@@ -295,7 +292,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _line_label(row: dict, many_models: bool) -> str:
+def _label(row: dict, many_models: bool) -> str:
     label = f"{row['model']}/{row['method']}" if many_models else row["method"]
     return f"{label} ({row['settings']})" if row.get("settings") else label
 
@@ -317,7 +314,7 @@ def plot_vs_samples(rows: list[dict], metric: str, title: str, path: Path) -> Pa
         lines: dict[str, list[dict]] = {}
         for r in rows:
             if r["domain"] == domain:
-                lines.setdefault(_line_label(r, many_models), []).append(r)
+                lines.setdefault(_label(r, many_models), []).append(r)
         for label, points in sorted(lines.items()):
             points.sort(key=lambda r: r["n_train_samples"])
             x = [p["n_train_samples"] for p in points]
@@ -352,14 +349,14 @@ def plot_energy(rows: list[dict], path: Path) -> Path | None:
         return None
     many_models = len({r["model"] for r in rows}) > 1
     groups = sorted({(r["domain"], r["n_train_samples"]) for r in rows})
-    labels = sorted({_line_label(r, many_models) for r in rows})
+    labels = sorted({_label(r, many_models) for r in rows})
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * max(1, len(labels)) * 0.6), 3.8))
     for k, label in enumerate(labels):
         xs, ys, errs = [], [], []
         for g, (domain, samples) in enumerate(groups):
             for r in rows:
-                if (r["domain"], r["n_train_samples"], _line_label(r, many_models)) == (domain, samples, label):
+                if (r["domain"], r["n_train_samples"], _label(r, many_models)) == (domain, samples, label):
                     xs.append(g + (k - (len(labels) - 1) / 2) * width)
                     ys.append(r["energy_j"]["mean"])
                     errs.append(r["energy_j"]["std"] or 0.0)

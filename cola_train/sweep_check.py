@@ -92,7 +92,7 @@ def _swept_keys(jobs: list[list[str]]) -> set[str]:
     return {k for k, v in values.items() if len(v) > 1}
 
 
-def message(jobs: list[list[str]], groups: list[tuple[list[int], int]]) -> str:
+def message(jobs: list[list[str]], groups: list[tuple[list[int], int]], force: bool = False) -> str:
     """The one line naming the colliding jobs (by their swept overrides) and their count."""
     swept = _swept_keys(jobs)
 
@@ -110,9 +110,9 @@ def message(jobs: list[list[str]], groups: list[tuple[list[int], int]]) -> str:
     hint = ("data.max_samples caps data.fraction: set data.max_samples=null or choose fractions "
             "that give different counts" if size_knobs else "drop the repeated values")
     n_jobs = sum(len(nums) for nums, _ in groups)
+    action = f" ({FORCE}: running them anyway)" if force else f", or pass {FORCE} to run them anyway"
     return (f"{n_jobs} sweep jobs are only {len(groups)} distinct run(s) (same effective config, "
-            "seed included): "
-            + "; ".join(parts) + more + f"; {hint}, or pass {FORCE} to run them anyway")
+            "seed included): " + "; ".join(parts) + more + f"; {hint}{action}")
 
 
 def check_sweep(argv: list[str]) -> list[str]:
@@ -123,10 +123,14 @@ def check_sweep(argv: list[str]) -> list[str]:
     force = FORCE in argv
     argv = [a for a in argv if a != FORCE]
     try:
+        import contextlib
+        import io
+
         from hydra._internal.utils import get_args_parser
 
-        args = get_args_parser().parse_args(argv)
-    except (Exception, SystemExit):  # noqa: BLE001 - Hydra reports its own usage errors
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+    except (Exception, SystemExit):  # noqa: BLE001 - Hydra reports its own usage errors, once
         return argv
     if (args.cfg or args.info or args.help or args.hydra_help or args.shell_completion
             or args.config_name or args.config_path or args.config_dir or args.experimental_rerun):
@@ -134,10 +138,7 @@ def check_sweep(argv: list[str]) -> list[str]:
     jobs = _sweep_jobs(args.overrides)
     groups = collisions(jobs) if len(jobs) > 1 else []
     if groups:
-        text = message(jobs, groups)
+        print(f"{'warning' if force else 'error'}: {message(jobs, groups, force)}", file=sys.stderr)
         if not force:
-            print(f"error: {text}", file=sys.stderr)
             sys.exit(2)
-        print(f"warning: {text.split(f', or pass {FORCE}')[0]} ({FORCE}: running them anyway)",
-              file=sys.stderr)
     return argv

@@ -234,11 +234,11 @@ def test_report_groups_by_effective_config_and_flags_repeats(tmp_path):
 
 def test_report_of_one_repeated_run_computes_no_spread(tmp_path):
     """Two jobs, one effective config, one seed: n=1 and no std (it was 'n=2 ± 0.0000')."""
-    from cola_train.report import duplicates_text, find_jobs, summarize
+    from cola_train.report import find_jobs, summarize
 
     root = tmp_path / "multirun"
     _job(root, 0, fraction=0.5, max_samples=1000, samples=1000, seed=42, acc=0.40)
     _job(root, 1, fraction=1.0, max_samples=1000, samples=1000, seed=42, acc=0.40)
     (row,) = summarize(find_jobs(root))
     assert row["n"] == 1 and row["accuracy"]["std"] is None and row["accuracy"]["n"] == 1
-    assert duplicates_text(row) == "seed 42 ×2"
+    assert row["seeds"] == [42] and [len(dirs) for dirs in row["duplicates"].values()] == [2]
