@@ -156,8 +156,7 @@ class SweepSummary(Callback):
         summary = None
         try:
             summary = summarize(sweep_dir, config)
-            log.info("sweep summary: %s (%s)", sweep_dir / "summary.md",
-                     ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items())))
+            log.info("sweep summary: %s (%s)", sweep_dir / "summary.md", _counts(summary))
         except Exception as err:  # noqa: BLE001
             log.warning("sweep summary for %s not written: %s: %s", sweep_dir, type(err).__name__, err)
         _report(sweep_dir)

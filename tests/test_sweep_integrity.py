@@ -65,6 +65,7 @@ def _readme_sweep() -> list[str]:
 
 
 def test_readme_sweep_gives_as_many_sample_counts_as_fractions(data_root):
+    from cola_train.effective import identity
     from cola_train.sweep_check import _sweep_jobs, collisions, effective_job
 
     argv = _readme_sweep()
@@ -72,17 +73,20 @@ def test_readme_sweep_gives_as_many_sample_counts_as_fractions(data_root):
     jobs = _sweep_jobs([a for a in argv if a != "-m"])
     assert len(jobs) == 27
     n = _gsm8k_records(data_root)
-    counts = {}
+    counts, distinct = {}, set()
     for job in jobs:
+        flat = effective_job(job)
         fraction = float(next(o for o in job if o.startswith("data.fraction=")).split("=")[1])
-        counts[fraction] = effective_job(job)["n_train_samples"]
-    assert counts == {f: _expected_count(n, f, None)[0] for f in (0.1, 0.5, 1.0)}
-    assert len(set(counts.values())) == 3
-    assert collisions(jobs) == []
-    # the same sweep without the null (the README's old line) collapses 0.5 and 1.0 to 1000 samples
-    old = _sweep_jobs([a for a in argv if a not in ("-m", "data.max_samples=null")])
-    groups = collisions(old)
-    assert len(groups) == 9 and all(len(nums) == 2 and count == 1000 for nums, count in groups)
+        counts.setdefault(fraction, set()).add(flat["n_train_samples"])
+        distinct.add(identity(flat))
+    assert counts == {f: {_expected_count(n, f, None)[0]} for f in (0.1, 0.5, 1.0)}
+    assert len({c for (c,) in counts.values()}) == 3 and len(distinct) == 27
+    # without the null (the README's old line) 0.5 and 1.0 collapse to the same 1000 samples
+    old = [a for a in argv if a not in ("-m", "data.max_samples=null")]
+    old = [("method=lora" if a.startswith("method=") else "seed=1" if a.startswith("seed=") else a) for a in old]
+    old_jobs = _sweep_jobs(old)
+    assert collisions(old_jobs) == [([1, 2], 1000)]
+    assert [j for j in old_jobs if "data.fraction=0.5" in j] == [old_jobs[1]]
 
 
 # ---------------------------------------------------------------------------------------------
