@@ -7,6 +7,13 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
+def refuse(message: str) -> None:
+    """Bad input: one `error:` line on stderr and exit code 2 (docs/ERRORS.md, "Exit codes");
+    `sys.exit(text)` would exit 1, the code of a failed run."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def check_group_choices(argv: list[str]) -> None:
     """One line naming the bad option and the valid ones, instead of Hydra's multi-line error."""
     for arg in argv:
@@ -19,7 +26,7 @@ def check_group_choices(argv: list[str]) -> None:
         options = sorted(p.stem for p in group.glob("*.yaml"))
         for v in value.split(","):
             if v and v not in options:
-                sys.exit(f"error: {key}={v!r} is not an option; choose from: {', '.join(options)}")
+                refuse(f"{key}={v!r} is not an option; choose from: {', '.join(options)}")
 
 
 def check_keys(argv: list[str]) -> None:
@@ -40,7 +47,7 @@ def check_keys(argv: list[str]) -> None:
             fields = {f.name: f for f in dataclasses.fields(node)}
             if part not in fields:
                 where = ".".join(path) or "the config"
-                sys.exit(f"error: unknown key {'.'.join(path + [part])!r}; {where} has: {', '.join(fields)}")
+                refuse(f"unknown key {'.'.join(path + [part])!r}; {where} has: {', '.join(fields)}")
             path.append(part)
             hints = typing.get_type_hints(node)
             node = hints[part]
@@ -67,7 +74,7 @@ def check_output_dirs(argv: list[str]) -> None:
             elif not os.access(probe, os.W_OK):
                 raise PermissionError(f"cannot create folders in {probe}")
         except OSError as err:
-            sys.exit(f"error: output dir {raw!r} is not writable: {err.strerror or err}")
+            refuse(f"output dir {raw!r} is not writable: {err.strerror or err}")
 
 
 def main() -> None:
@@ -101,9 +108,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     from .distributed import preflight
+    from .sweep_check import check_sweep
 
     sys.argv[1:] = preflight(sys.argv[1:])  # deepspeed's --local_rank; sbatch for the SLURM launcher
     check_group_choices(sys.argv[1:])
     check_keys(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
+    sys.argv[1:] = check_sweep(sys.argv[1:])  # -m: jobs that would train the same thing; --force
     main()

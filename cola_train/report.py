@@ -4,22 +4,34 @@
 
 A job dir is any folder under the multirun dir holding `.hydra/config.yaml`. A job counts only
 if its `results.json` parses and says status "completed"; every other job is listed under
-"Failed jobs" with the reason and never averaged in. Completed jobs are grouped by model,
-method, domain and training-set size (n_train_samples), and split by any swept hyper-parameter
-(HYPER: lr, r, ...) that varies inside such a cell; each metric is shown as the mean and the
-sample standard deviation (ddof=1) over the group's seeds, with n.
+"Failed jobs" with the reason and never averaged in.
+
+A row is one *effective config* (effective.py): every config value but the seed, with the
+training-sample count the job really had (n_train_samples) in place of data.fraction and
+data.max_samples, which only bound it. Rows are labelled by model, method, domain and size; any
+other value that differs between rows of one such cell (an lr sweep, a scheduler, ...) is shown
+under "settings". Each metric is the mean and the sample standard deviation (ddof=1) over the
+row's distinct seeds, with n = the number of distinct seeds. Jobs with one effective config *and*
+one seed are one run repeated, not seed variance: they count as one seed (their mean), the row
+says so under "duplicates", and the report warns.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .effective import effective_config
+
+log = logging.getLogger("cola_train")
 
 
 class ReportError(RuntimeError):
@@ -38,8 +50,8 @@ PLOTTED = ["accuracy", "eval_loss"]
 # totals over a run, which a job resumed without its earlier segments' totals undercounts
 # (run_totals.py); rates such as tokens/s stay valid for it
 WHOLE_RUN = {"energy_j"}
-# hyper-parameters a study may sweep besides the seed: where one varies inside a (model, method,
-# domain, size) cell, its value splits the cell and is shown as the row's "settings"
+# short names for the settings a study sweeps most; any other config value that varies inside a
+# (model, method, domain, size) cell splits it too, shown under its dotted key
 HYPER = [("trainer", "lr", "lr"), ("method", "r", "r"), ("method", "alpha", "alpha"),
          ("method", "num_A", "num_A"), ("method", "num_B", "num_B"), ("method", "dropout", "dropout"),
          ("method", "links", "links"), ("trainer", "batch_size", "batch"), ("trainer", "epochs", "epochs"),
@@ -117,13 +129,22 @@ def find_jobs(multirun_dir: str | Path) -> list[Job]:
     return jobs
 
 
-def _key(job: Job) -> tuple:
-    cfg, res = job.config, job.results or {}
-    samples = res.get("n_train_samples")
-    if not isinstance(samples, int):
-        samples = _get(cfg, "data", "max_samples")
-    return (str(_get(cfg, "model", "name") or "?"), str(_get(cfg, "method", "name") or "?"),
-            str(_get(cfg, "data", "domain") or "?"), samples if isinstance(samples, int) else -1)
+# the row's own columns; every other varying value is a setting
+CELL = ("model.name", "method.name", "data.domain", "n_train_samples")
+
+
+def _effective(job: Job) -> dict:
+    """The job's effective config, less the seed (what a row's seeds vary)."""
+    samples = (job.results or {}).get("n_train_samples")
+    known = isinstance(samples, int) and not isinstance(samples, bool)
+    flat = effective_config(job.config, samples if known else None)
+    flat.pop("seed", None)
+    flat.setdefault("n_train_samples", -1)
+    return flat
+
+
+def _seed_order(seed) -> tuple:
+    return (0, seed, "") if _number(seed) is not None else (1, 0, str(seed))
 
 
 def _stats(values: list[float]) -> dict:
@@ -142,36 +163,74 @@ def counts_whole_run(results: dict) -> bool:
     return not train.get("resumed", False)
 
 
-def _hyper(job: Job) -> dict:
-    return {label: _get(job.config, section, key) for section, key, label in HYPER}
+def _setting_name(key: str) -> str:
+    return next((label for section, name, label in HYPER if key == f"{section}.{name}"), key)
 
 
 def summarize(jobs: list[Job]) -> list[dict]:
-    """One row per (model, method, domain, n_train_samples) with per-metric mean/std/n; split
-    further by any HYPER setting that varies inside such a cell (e.g. an lr sweep)."""
+    """One row per effective config (see the module doc), with per-metric mean/std/n over its
+    distinct seeds; a value that varies inside a (model, method, domain, size) cell is shown
+    as the row's settings, on every row."""
     done = [j for j in jobs if j.results is not None]
-    cells: dict[tuple, list[Job]] = {}
+    groups: dict[str, tuple[dict, list[Job]]] = {}
     for job in done:
-        cells.setdefault(_key(job), []).append(job)
-    varying = [label for _, _, label in HYPER
-               if any(len({repr(_hyper(j)[label]) for j in cell}) > 1 for cell in cells.values())]
-    groups: dict[tuple, list[Job]] = {}
-    for job in done:
-        settings = tuple((label, _hyper(job)[label]) for label in varying)
-        groups.setdefault((*_key(job), settings), []).append(job)
+        flat = _effective(job)
+        key = json.dumps(sorted(flat.items()), default=str)
+        groups.setdefault(key, (flat, []))[1].append(job)
+    cells: dict[tuple, list[dict]] = {}
+    for flat, _ in groups.values():
+        cells.setdefault(tuple(str(flat.get(k, "?")) for k in CELL), []).append(flat)
+    keys = sorted({k for flat, _ in groups.values() for k in flat} - set(CELL))
+    varying = [k for k in keys
+               if any(len({repr(f.get(k, "<unset>")) for f in cell}) > 1 for cell in cells.values())]
+    hyper_order = [f"{section}.{name}" for section, name, _ in HYPER]
+    varying.sort(key=lambda k: (hyper_order.index(k) if k in hyper_order else len(hyper_order), k))
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], k[2], k[1], k[3], repr(k[4]))):
-        members = groups[key]
-        row = {"model": key[0], "method": key[1], "domain": key[2], "n_train_samples": key[3],
-               "settings": ", ".join(f"{label}={value}" for label, value in key[4]),
-               "n": len(members),
-               "seeds": sorted({_get(j.config, "seed") for j in members}, key=str)}
+    for flat, members in groups.values():
+        by_seed: dict = {}
+        for job in members:
+            by_seed.setdefault(_get(job.config, "seed"), []).append(job)
+        seeds = sorted(by_seed, key=_seed_order)
+        samples = flat["n_train_samples"]
+        row = {"model": str(flat.get("model.name") or "?"), "method": str(flat.get("method.name") or "?"),
+               "domain": str(flat.get("data.domain") or "?"),
+               "n_train_samples": samples if isinstance(samples, int) else -1,
+               "settings": ", ".join(f"{_setting_name(k)}={flat.get(k)}" for k in varying),
+               "n": len(seeds), "seeds": seeds, "jobs": len(members),
+               "duplicates": {seed: [j.dir for j in by_seed[seed]] for seed in seeds if len(by_seed[seed]) > 1}}
         for name, _, path in METRICS:
-            whole = [j for j in members if name not in WHOLE_RUN or counts_whole_run(j.results)]
-            values = [v for v in (_number(_get(j.results, *path)) for j in whole) if v is not None]
-            row[name] = _stats(values)
+            per_seed = []
+            for seed in seeds:
+                whole = [j for j in by_seed[seed] if name not in WHOLE_RUN or counts_whole_run(j.results)]
+                values = [v for v in (_number(_get(j.results, *path)) for j in whole) if v is not None]
+                if values:  # a repeated run is one seed: its jobs' mean, never a spread
+                    per_seed.append(float(np.mean(values)))
+            row[name] = _stats(per_seed)
         rows.append(row)
+    rows.sort(key=lambda r: (r["model"], r["domain"], r["method"], r["n_train_samples"], r["settings"]))
     return rows
+
+
+def duplicates_text(row: dict) -> str:
+    return ", ".join(f"seed {seed} ×{len(dirs)}" for seed, dirs in row["duplicates"].items())
+
+
+def duplicate_warning(rows: list[dict], root: Path) -> str | None:
+    """One line naming the repeated jobs (a sweep's `<num>_<overrides>` dir as #num), or None."""
+    def rel(d: Path) -> str:
+        if d == root:
+            return "."
+        path, number = d.relative_to(root), re.match(r"(\d+)_", d.name)
+        return str(path.parent / f"#{number[1]}") if number else str(path)
+
+    repeats = [(r, seed, dirs) for r in rows for seed, dirs in r["duplicates"].items()]
+    if not repeats:
+        return None
+    n_extra = sum(len(dirs) - 1 for _, _, dirs in repeats)
+    named = "; ".join(f"jobs {' = '.join(rel(d) for d in dirs)} ({r['method']}, {r['n_train_samples']} "
+                      f"samples, seed {seed})" for r, seed, dirs in repeats)
+    return (f"{n_extra} job(s) repeat another job's effective config and seed, so each such seed "
+            f"counts once (the jobs' mean) and is no seed variance: {named}")
 
 
 def _fmt(value: float | None, name: str) -> str:
@@ -199,12 +258,15 @@ def _cell(stat: dict, name: str, n_group: int) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     with_settings = any(r.get("settings") for r in rows)
-    titles = ["model", "method"] + (["settings"] if with_settings else []) + ["domain", "samples", "n"]
-    titles += [t for _, t, _ in METRICS]
+    with_duplicates = any(r.get("duplicates") for r in rows)
+    titles = ["model", "method"] + (["settings"] if with_settings else []) + ["domain", "samples", "n", "seeds"]
+    titles += (["duplicates"] if with_duplicates else []) + [t for _, t, _ in METRICS]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for r in rows:
         cells = [r["model"], r["method"]] + ([r.get("settings", "")] if with_settings else [])
-        cells += [r["domain"], str(r["n_train_samples"]) if r["n_train_samples"] >= 0 else "?", str(r["n"])]
+        cells += [r["domain"], str(r["n_train_samples"]) if r["n_train_samples"] >= 0 else "?", str(r["n"]),
+                  " ".join(map(str, r["seeds"]))]
+        cells += [duplicates_text(r)] if with_duplicates else []
         cells += [_cell(r[name], name, r["n"]) for name, _, _ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -214,6 +276,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     header = ["model", "method", "settings", "domain", "n_train_samples", "n", "seeds"]
     for name, _, _ in METRICS:
         header += [f"{name}_mean", f"{name}_std", f"{name}_n"]
+    header += ["jobs", "duplicates"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -224,6 +287,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
                 s = r[name]
                 line += ["" if s["mean"] is None else repr(s["mean"]),
                          "" if s["std"] is None else repr(s["std"]), s["n"]]
+            line += [r["jobs"], duplicates_text(r)]
             writer.writerow(line)
     return path
 
@@ -331,10 +395,15 @@ def write_report(multirun_dir: str | Path, out_dir: str | Path | None = None) ->
 
     n_done = len(jobs) - len(failed)
     md = [f"# Sweep report: {root}", "",
-          f"{len(jobs)} job(s): {n_done} completed, {len(failed)} failed. Cells are mean ± "
-          "sample std over seeds (n = completed jobs in the group; '(n=k)' where a metric was "
-          "measured in fewer: energy leaves out jobs resumed without their earlier segments' "
-          "totals).", ""]
+          f"{len(jobs)} job(s): {n_done} completed, {len(failed)} failed. A row is one effective "
+          "config: every config value but the seed, with the training-sample count the jobs had "
+          "in place of data.fraction/data.max_samples. Cells are mean ± sample std over the row's "
+          "distinct seeds (n = distinct seeds; '(n=k)' where a metric was measured in fewer: "
+          "energy leaves out jobs resumed without their earlier segments' totals).", ""]
+    warning = duplicate_warning(rows, root)
+    if warning:
+        log.warning("report: %s", warning)
+        md += [f"**Warning:** {warning}", ""]
     md += [markdown_table(rows) if rows else "_No completed jobs._", ""]
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()] + [""]
@@ -356,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("multirun_dir")
     parser.add_argument("--out", default=None, help="where to write (default: the multirun dir)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     try:
         paths = write_report(args.multirun_dir, args.out)
     except ReportError as err:

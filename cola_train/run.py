@@ -15,6 +15,7 @@ from . import adapters, chain, distributed
 from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
+from .data.sampling import describe_sample
 from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
 from . import kernels
 from .phases import Phases, StepTimer
@@ -102,6 +103,7 @@ def build_data(cfg, tokenizer, phases: Phases | None = None):
     with (phases or Phases())("data load and tokenization"):
         records = load_domain_records(cfg.data)
         train, val = split_train_val(records, cfg.data, cfg.seed)
+        log.info(describe_sample(cfg.data, len(records)))  # fraction or max_samples: which one decided
         encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len)
         return encode(train), (encode(val) if val else None)
 

@@ -153,10 +153,39 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             return
+        summary = None
         try:
             summary = summarize(sweep_dir, config)
-            log.info("sweep summary: %s (%s)", sweep_dir / "summary.md",
-                     ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items())))
+            log.info("sweep summary: %s (%s)", sweep_dir / "summary.md", _counts(summary))
         except Exception as err:  # noqa: BLE001
             log.warning("sweep summary for %s not written: %s: %s", sweep_dir, type(err).__name__, err)
         _report(sweep_dir)
+        code = exit_code(summary)  # last: the summary and the report are written whatever it is
+        if code:
+            import sys
+
+            print(f"cola_train: sweep {sweep_dir} did not complete every job "
+                  f"({_counts(summary)}); see summary.md. Exit {code}", file=sys.stderr)
+            sys.exit(code)
+
+
+def _counts(summary: dict | None) -> str:
+    if summary is None:
+        return "no summary"
+    return ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items()))
+
+
+def exit_code(summary: dict | None) -> int:
+    """The multirun's exit code (docs/ERRORS.md, "Exit codes"): 0 when every job completed;
+    3 (distributed.EXIT_PREEMPTED) when the only unfinished jobs were preempted, since the same
+    command resumes them; 1 when any job failed, died or never started, or when the summary could
+    not be written (nothing then says the sweep is whole). A script that runs sweeps (study.py,
+    a CI job) must not take a sweep with failed jobs for a finished one."""
+    from .distributed import EXIT_PREEMPTED
+
+    if summary is None:
+        return 1
+    unfinished = {s for s, n in summary["counts"].items() if n and s != "completed"}
+    if not unfinished:
+        return 0
+    return EXIT_PREEMPTED if unfinished == {"preempted"} else 1

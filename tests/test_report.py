@@ -109,8 +109,8 @@ def test_report_statistics_and_failed_jobs(sweep):
     assert rows[("lora", 1000)]["seeds"] == "1 2"
 
     md = paths["markdown"].read_text()
-    assert "| tiny_llama | lora | math | 100 | 3 | 0.3300 ± 0.0265 |" in md
-    assert "| tiny_llama | cola_fully | math | 100 | 2 |" in md
+    assert "| tiny_llama | lora | math | 100 | 3 | 1 2 3 | 0.3300 ± 0.0265 |" in md
+    assert "| tiny_llama | cola_fully | math | 100 | 2 | 1 2 |" in md
     lora100 = next(line for line in md.splitlines() if "| lora | math | 100 |" in line)
     assert "520 ± 20" in lora100                                  # energy
     cola100 = next(line for line in md.splitlines() if "| cola_fully | math | 100 |" in line)
@@ -141,7 +141,7 @@ def test_report_tolerates_missing_optional_keys(tmp_path):
     paths = write_report(root)
     md = paths["markdown"].read_text()
     # model.name is missing from results.json: taken from the job's .hydra/config.yaml
-    assert "| tiny_llama | fft | law | 50 | 1 | — | — | — | — | — |" in md
+    assert "| tiny_llama | fft | law | 50 | 1 | 1 | — | — | — | — | — |" in md
     assert "plot_energy" not in paths and "plot_accuracy" not in paths
 
 
@@ -159,7 +159,7 @@ def test_cli(sweep):
     proc = subprocess.run([sys.executable, "-m", "cola_train.report", str(sweep)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "| model | method | domain | samples | n | accuracy |" in proc.stdout
+    assert "| model | method | domain | samples | n | seeds | accuracy |" in proc.stdout
     assert str(sweep / "report.md") in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "cola_train.report", str(sweep / "missing")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -186,7 +186,7 @@ def test_a_swept_hyper_parameter_splits_its_cells(tmp_path):
     assert rows[("lora", "lr=0.0001")]["n"] == 2 and rows[("lora", "lr=0.0005")]["n"] == 1
     md = write_report(root)["markdown"].read_text()
     assert "| model | method | settings | domain |" in md
-    assert "| tiny_llama | lora | lr=0.0005 | math | 100 | 1 |" in md
+    assert "| tiny_llama | lora | lr=0.0005 | math | 100 | 1 | 1 |" in md
     assert "alpha" not in md
 
 

@@ -69,13 +69,20 @@ def _from_hub(source: DataSource) -> list | None:
         return None
 
 
+def local_file(source: DataSource, root: Path | None) -> Path | None:
+    """The source's file on this machine (under the data root, or an absolute path), if any."""
+    if source.file and root is not None and (root / source.file).is_file():
+        return root / source.file
+    if source.file and Path(source.file).is_absolute() and Path(source.file).is_file():
+        return Path(source.file)
+    return None
+
+
 def load_source(source: DataSource, root: Path | None) -> list[dict] | None:
     """Records of one source, or None when it is nowhere to be found."""
-    if source.file and root is not None and (root / source.file).is_file():
-        path = root / source.file
+    path = local_file(source, root)
+    if path is not None:
         return _normalise(_read_json(path), source, str(path))
-    if source.file and Path(source.file).is_absolute() and Path(source.file).is_file():
-        return _normalise(_read_json(Path(source.file)), source, source.file)
     if source.hub_id and os.environ.get("HF_HUB_OFFLINE") != "1":
         rows = _from_hub(source)
         if rows is not None:
@@ -104,3 +111,26 @@ def load_domain_records(cfg: DataConfig) -> list[dict]:
         hint = "" if cfg.skip_missing else " (data.skip_missing=true trains on the sources present)"
         raise DataError("; ".join(missing) + hint)
     return records
+
+
+_COUNTS: dict[tuple, int] = {}
+
+
+def local_record_count(cfg: DataConfig) -> int | None:
+    """How many records the domain's local files hold, without checking each row (a job checks
+    them when it loads them); None when a source is not a local file (the hub, or missing), since
+    then the count is only known once the job fetches it. Cached per file and modification time:
+    a sweep asks once per job."""
+    root, total = data_root(cfg), 0
+    for source in cfg.sources:
+        path = local_file(source, root)
+        if path is None:
+            return None
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in _COUNTS:
+            try:
+                _COUNTS[key] = len(_read_json(path))
+            except DataError:
+                return None
+        total += _COUNTS[key]
+    return total if cfg.sources else None
