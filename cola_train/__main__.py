@@ -106,4 +106,7 @@ if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
     check_keys(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
+    from .resume import before_hydra
+
+    sys.argv[1:] = before_hydra(sys.argv[1:])  # trainer.resume: the same config, or refused; which run dir
     main()
