@@ -291,9 +291,9 @@ def before_hydra(argv: list[str]) -> list[str]:
         root = Path(prefix or ".") if prefix.endswith("/") or not prefix else Path(prefix).parent
         out = newest_match(job, root, depth=pattern[len(prefix):].count("/") + 1)
         if out is None:
-            _fail(f"trainer.resume={wanted}: no run under {root}/ has this config (keys other than "
-                  f"{', '.join(RESUME_ONLY)}), so there is none to resume; name one with "
-                  "hydra.run.dir=<its dir>, or leave trainer.resume out to start a new run")
+            _fail(f"trainer.resume={wanted}: no run under {root}/ with a checkpoint or results has this config, "
+                  "so there is none to resume; name one with hydra.run.dir=<its dir>, or leave trainer.resume "
+                  "out to start a new run")
         out = out.resolve()
         print(f"trainer.resume={wanted}: continuing {out}, the newest run with this config", flush=True)
         argv = [*argv, f"hydra.run.dir={_quote(str(out))}"]

@@ -51,11 +51,14 @@ def run_dir(trained, tmp_path) -> Path:
 
 
 def _edit_saved(run_dir: Path, key: str, value) -> None:
-    """Change one value of the config a run says it was started with (`seed` or `lr`)."""
-    saved = run_dir / "config.trained.yaml"
-    doc = yaml.safe_load(saved.read_text())
-    (doc if key == "seed" else doc["trainer"])[key] = value
-    saved.write_text(yaml.safe_dump(doc))
+    """Change one value (`seed` or `lr`) of the config a run says it was trained with, in both
+    places that say it: config.trained.yaml and results.json."""
+    saved, results = run_dir / "config.trained.yaml", run_dir / "results.json"
+    for path, load, dump in ((saved, yaml.safe_load, yaml.safe_dump), (results, json.loads, json.dumps)):
+        doc = load(path.read_text())
+        cfg = doc if path == saved else doc["config"]
+        (cfg if key == "seed" else cfg["trainer"])[key] = value
+        path.write_text(dump(doc))
 
 
 def _interrupt(run_dir: Path) -> None:
@@ -152,7 +155,8 @@ def test_a_bare_resume_with_nothing_to_resume_says_so_and_makes_no_dir(trained, 
     proc = run_cli(ARGS + ["trainer.resume=true", "trainer.lr=1e-3"], cwd=tmp_path, env=ENV)
     assert proc.returncode == 2
     (line,) = _error_lines(proc)
-    assert line.startswith("error: trainer.resume=true: no run under outputs/runs/ has this config"), line
+    assert line.startswith("error: trainer.resume=true: no run under outputs/runs/ with a checkpoint or results "
+                           "has this config, so there is none to resume"), line
     assert sorted(tmp_path.rglob("*")) == made
 
 
