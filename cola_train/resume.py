@@ -156,9 +156,9 @@ def describe(changes: dict) -> str:
 
 def check(cfg, out: Path, resuming: bool = False) -> dict:
     """Before any model is built: the changes this resume makes to the run in `out` ({} when it
-    continues with the same config, or trains from the start). Raises a ConfigError (see `refused`) when there
-    are changes and trainer.resume is not `force`. `resuming`: the run continues without being
-    asked (preempted, requeued), so it is held to the same rule."""
+    continues with the same config, or trains from the start). Raises a ConfigError (`refused`)
+    when there are changes and trainer.resume is not `force`. `resuming`: the run continues
+    without being asked (preempted, requeued), so it is held to the same rule."""
     wanted = mode(cfg.trainer.resume)
     if (wanted == "false" and not resuming) or not trained_before(out):
         return {}
@@ -174,17 +174,21 @@ def check(cfg, out: Path, resuming: bool = False) -> dict:
     return changes
 
 
-def steps_of(checkpoint: str | None) -> int:
-    return int(str(checkpoint).rsplit("-", 1)[1]) if checkpoint else 0
+class NothingToTrain(Exception):
+    """A completed run continued (trainer.resume=force) from a checkpoint already at the last step:
+    stopped before the Trainer logs a 0-step segment, so the run's files stay as they were."""
 
 
-def announcer(checkpoint: str):
+def announcer(checkpoint: str, completed: bool):
     """A Trainer callback that prints, once the checkpoint's state is loaded, where training
-    continues from and how far it goes (the Trainer knows max_steps only then)."""
+    continues from and how far it goes (the Trainer knows max_steps only then); for a `completed`
+    run with no step left it raises NothingToTrain instead."""
     from transformers import TrainerCallback
 
     class ResumedFrom(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            if completed and state.global_step >= state.max_steps:
+                raise NothingToTrain(f"{checkpoint} is at step {state.global_step} of {state.max_steps}")
             if state.is_world_process_zero:
                 print(f"resumed from {checkpoint} (step {state.global_step} of {state.max_steps})", flush=True)
 

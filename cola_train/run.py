@@ -146,21 +146,21 @@ def run(cfg, out: Path) -> dict:
     checkpoint = _last_checkpoint(out) if (resuming.asked(cfg) or distributed.resuming(out)) else None
     resume = checkpoint is not None
     if resume:
-        trainer.add_callback(resuming.announcer(checkpoint))  # "resumed from <checkpoint> (step N of M)"
+        trainer.add_callback(resuming.announcer(checkpoint, completed=done is not None))  # "resumed from ..."
         results.update({"resumed_with_changes": changes} if changes else {})  # force: old and new values
     elif trainer.is_world_process_zero():
         resuming.record_start(cfg, out)  # the config a later resume must match
     chain.resume(schedule, checkpoint)  # replay merged links first
     totals.resume_from(checkpoint)  # tokens, time and energy of the segments before this one
     totals.start()
-    train_out = trainer.train(resume_from_checkpoint=checkpoint)
-    if preemption.preempted(trainer.state):
-        distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
-    if done is not None and trainer.state.global_step == resuming.steps_of(checkpoint):
-        print(f"[cola_train] {run_name(cfg)}: already completed in {out}; trainer.resume={cfg.trainer.resume} "
-              "trained no further step, so results.json is left as it is", flush=True)
+    try:
+        train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    except resuming.NothingToTrain as why:  # trainer.resume=force on a completed run: nothing to add
+        print(f"[cola_train] {run_name(cfg)}: already completed in {out} ({why}); left as it is", flush=True)
         distributed.forget_deepspeed()
         return done
+    if preemption.preempted(trainer.state):
+        distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
     whole = totals.totals()  # every segment of the run, every rank's tokens
     results["energy"] = energy_summary(whole["joules"], whole["tokens"])
     results["train"] = {"loss": distributed.mean_train_loss(trainer, train_out, resume),

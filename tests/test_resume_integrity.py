@@ -24,7 +24,7 @@ ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", ""
 
 def _files(run_dir: Path) -> dict:
     """Bytes and modification time of the files that say what the run was."""
-    names = ["results.json", ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml"]
+    names = ["results.json", "metrics.jsonl", ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml"]
     return {n: ((run_dir / n).read_bytes(), (run_dir / n).stat().st_mtime_ns) for n in names}
 
 
@@ -101,8 +101,8 @@ def test_force_trains_on_and_records_both_configs(run_dir):
     assert res["resumed_with_changes"] == {"trainer.lr": [LR, 1e-4], "trainer.max_steps": [4, 6]}
     assert f"resumed from {run_dir}/checkpoints/checkpoint-4 (step 4 of 6)" in proc.stdout
     # Hydra's record of the first start is kept; this start's is beside it
-    assert {n: before[n] for n in before if n != "results.json"} == \
-        {n: v for n, v in _files(run_dir).items() if n != "results.json"}
+    hydra_files = lambda files: {n: v for n, v in files.items() if n.startswith(".hydra")}  # noqa: E731
+    assert hydra_files(_files(run_dir)) == hydra_files(before)
     (again,) = (run_dir / ".hydra").glob("resume-*/config.yaml")
     assert yaml.safe_load(again.read_text())["trainer"]["lr"] == pytest.approx(1e-4)
     assert yaml.safe_load((run_dir / "config.trained.yaml").read_text())["trainer"]["lr"] == LR
@@ -115,7 +115,7 @@ def test_a_completed_run_that_trains_no_step_is_left_as_it_is(run_dir, extra):
     proc = run_cli(ARGS + [f"hydra.run.dir={run_dir}", *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already completed" in proc.stdout
-    assert _files(run_dir) == before  # bytes and mtimes: results.json and Hydra's files
+    assert _files(run_dir) == before  # bytes and mtimes: results.json, metrics.jsonl and Hydra's files
 
 
 def test_a_resume_says_which_checkpoint_it_continues(run_dir):
