@@ -43,14 +43,13 @@ RESUME_ONLY = ("trainer.resume", "output_dir", "model.path", "data.root", "logge
 
 
 def mode(value) -> str:
-    """`trainer.resume` as one of MODES; anything else is a one-line error listing them."""
-    from .config import ConfigError
-
+    """`trainer.resume` as one of MODES; anything else is a one-line error listing them (which
+    leaves the run dir as it is: it may hold a finished run)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str) and value.lower() in MODES:
         return value.lower()
-    raise ConfigError(f"trainer.resume={value!r} is not one of {', '.join(MODES)}")
+    raise refused(f"trainer.resume={value!r} is not one of {', '.join(MODES)}")
 
 
 def asked(cfg) -> bool:

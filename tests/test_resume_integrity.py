@@ -191,3 +191,18 @@ def test_each_job_of_a_resumed_sweep_refuses_another_config_and_keeps_its_record
     res = json.loads((kept / "results.json").read_text())
     assert res["status"] == "completed" and res["train"]["resumed"] is True and res["train"]["steps"] == 4
     assert len(list((kept / ".hydra").glob("resume-*/config.yaml"))) == 1
+
+
+def test_a_refusal_inside_the_job_leaves_the_record_as_it_is(tmp_path):
+    """Where the check runs in the job (a sweep's job, a value set in a YAML file), the refusal is
+    one error and the finished run's results.json is not replaced by a "failed" one."""
+    from cola_train.errors import run_guarded
+    from cola_train.run import run
+    from conftest import compose
+
+    record = tmp_path / "results.json"
+    record.write_text(json.dumps({"status": "completed", "config": {"trainer": {"lr": 1.0}}}))
+    before = record.read_bytes()
+    for extra in (["trainer.resume=bogus"], ["trainer.resume=true"]):
+        assert run_guarded(lambda: run(compose(ARGS + extra), tmp_path), tmp_path, exit_on_error=False) is None
+        assert record.read_bytes() == before
