@@ -1,5 +1,6 @@
 """cola_train: CoLA, Chain of LoRA and their baselines, one Hydra command per run."""
-from . import dirnames
+from . import dirnames, resume
 
 __version__ = "0.1.0"
 dirnames.register()
+resume.register()

@@ -115,4 +115,7 @@ if __name__ == "__main__":
     check_keys(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
     sys.argv[1:] = check_sweep(sys.argv[1:])  # -m: jobs that would train the same thing; --force
+    from .resume import before_hydra
+
+    sys.argv[1:] = before_hydra(sys.argv[1:])  # trainer.resume: the same config, or refused; which run dir
     main()

@@ -11,8 +11,10 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def compose(overrides: list[str]):
-    """The composed job config (no `hydra` node) for these task overrides."""
+def compose(overrides: list[str], return_hydra_config: bool = False):
+    """The composed job config (no `hydra` node) for these task overrides; with
+    `return_hydra_config`, also the `hydra` node (run and sweep dirs, unresolved `${now:}`), and
+    `hydra.*` overrides may be among the overrides."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -22,6 +24,7 @@ def compose(overrides: list[str]):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose(config_name="config", overrides=list(overrides),
+                                return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()

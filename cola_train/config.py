@@ -109,7 +109,7 @@ class TrainerConfig:
     eval_steps: int = 0                        # 0: evaluate at the end only
     save_steps: int = 0                        # 0: save at the end only
     save_total_limit: int = 2
-    resume: bool = False
+    resume: Any = False                        # false | true | force (resume.py); a bool or 'force'
     devices: int = 1
     num_workers: int = 0
 

@@ -25,7 +25,7 @@ def run_guarded(fn, out: Path | None = None, exit_on_error: bool = True):
         return fn()
     except user_errors() as err:
         logging.getLogger("cola_train").error("%s", err)
-        if out is not None and out.is_dir():
+        if out is not None and out.is_dir() and getattr(err, "record_failure", True):  # resume.refused
             from .results import write_json_atomic
 
             write_json_atomic(out / "results.json", {"status": "failed", "error": str(err)})

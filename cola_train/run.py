@@ -2,7 +2,6 @@
 evaluate → results.json. Every step is a plain function call; read it top to bottom."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, distributed
+from . import adapters, chain, distributed, resume as resuming
 from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
@@ -124,10 +123,11 @@ def run(cfg, out: Path) -> dict:
                           ResampleCallback, StopOnNonFiniteLoss, StopWithoutGradient)
 
     validate(cfg)
-    done = completed_results(out) if cfg.trainer.resume else None
-    if done is not None and _same_config(done["config"], cfg):
+    changes = resuming.check(cfg, out, distributed.resuming(out))  # another config: refused (unless force)
+    done = completed_results(out) if resuming.asked(cfg) else None
+    if done is not None and not changes:
         # a sweep started again (study.py, a requeued array) skips the jobs it has finished
-        log.info("%s: already completed in %s; trainer.resume=true leaves it as it is", run_name(cfg), out)
+        log.info("%s: already completed in %s; trainer.resume leaves it as it is", run_name(cfg), out)
         print(summary_line(done, out), flush=True)
         return done
     out.mkdir(parents=True, exist_ok=True)
@@ -162,14 +162,24 @@ def run(cfg, out: Path) -> dict:
     bench_here = distributed.benchmark_on_this_rank(cfg, trainer)  # all ranks under ZeRO-3
     bench_before = _benchmark(cfg, model, tokenizer) if (cfg.eval.enabled and cfg.eval.before and bench_here) else None
 
-    checkpoint = _last_checkpoint(out) if (cfg.trainer.resume or distributed.resuming(out)) else None
+    checkpoint = _last_checkpoint(out) if (resuming.asked(cfg) or distributed.resuming(out)) else None
     resume = checkpoint is not None
+    if resume:
+        trainer.add_callback(resuming.announcer(checkpoint, completed=done is not None))  # "resumed from ..."
+        results.update({"resumed_with_changes": changes} if changes else {})  # force: old and new values
+    elif trainer.is_world_process_zero():
+        resuming.record_start(cfg, out)  # the config a later resume must match
     chain.resume(schedule, checkpoint)  # replay merged links first
     totals.resume_from(checkpoint)  # tokens, time and energy of the segments before this one
     totals.start()
     timer.train_called_at = time.time()
-    with phases("training"):
-        train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        with phases("training"):
+            train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    except resuming.NothingToTrain as why:  # trainer.resume=force on a completed run: nothing to add
+        print(f"[cola_train] {run_name(cfg)}: already completed in {out} ({why}); left as it is", flush=True)
+        distributed.forget_deepspeed()
+        return done
     if preemption.preempted(trainer.state):
         distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
     whole = totals.totals()  # every segment of the run, every rank's tokens
@@ -254,15 +264,6 @@ def summary_line(results: dict, out: Path) -> str:
 def run_name_from(results: dict) -> str:
     c = results["config"]
     return f"{c['method']['name']} on {c['data']['domain']} ({c['model']['name']}, {results['n_train_samples']} samples, seed {c['seed']})"
-
-
-def _same_config(saved: dict, cfg) -> bool:
-    """Whether a finished run's config (results.json) is this one, apart from trainer.resume."""
-    now = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
-    saved = json.loads(json.dumps(saved))
-    for c in (now, saved):
-        c.get("trainer", {}).pop("resume", None)
-    return now == saved
 
 
 def _last_checkpoint(out: Path) -> str | None:

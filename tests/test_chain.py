@@ -457,7 +457,7 @@ def test_resume_refuses_a_different_chain(equal_links, tmp_path):
     part = tmp_path / "part"
     shutil.copytree(equal_links[0], part)
     with pytest.raises(ConfigError, match=r"its chain has ranks=\[8, 8, 8\], this run has \[8, 4, 2\]"):
-        run(compose(CHAIN + ["method.rank_schedule=[8,4,2]", "trainer.resume=true"]), part)
+        run(compose(CHAIN + ["method.rank_schedule=[8,4,2]", "trainer.resume=force"]), part)
 
 
 # -- DeepSpeed, one process (each in a fresh interpreter: DeepSpeed leaves global state) ---------
