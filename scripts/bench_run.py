@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     raw = raw[:raw.index("--")] if "--" in raw else raw
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama3_1_8b", choices=sorted(MODEL_CONFIG))
-    p.add_argument("--ckpt", type=Path, required=True, help="where the random-weight checkpoint is (made if absent)")
+    p.add_argument("--ckpt", type=Path, help="where the random-weight checkpoint is (made if absent)")
+    p.add_argument("--table", type=Path, help="only print the table of an earlier run's JSON")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--samples", type=int, default=400)
@@ -149,6 +150,11 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, default=Path("outputs/bench_run"))
     p.add_argument("--out", type=Path, default=None, help="JSON of every row (default: <runs>/bench_run.json)")
     args = p.parse_args(raw)
+    if args.table:
+        print(table(json.loads(args.table.read_text())["rows"]))
+        return 0
+    if args.ckpt is None:
+        p.error("--ckpt is required (where the random-weight checkpoint is, or is to be made)")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if not (REPO / "conf" / "method" / f"{m}.yaml").is_file()]
     if unknown:
