@@ -230,8 +230,8 @@ def _same_config(saved: dict, cfg) -> bool:
 
 
 def _last_checkpoint(out: Path) -> str | None:
-    """The newest checkpoint that was completely written (see CheckpointCompleteMarker); a
-    checkpoint cut short by a kill is ignored rather than loaded half-written."""
-    from .trainer import last_complete_checkpoint
+    """The newest checkpoint that was completely written (see CheckpointCompleteMarker) and
+    loads; a checkpoint cut short by a kill is ignored, a corrupt one is named and skipped."""
+    from .checkpoints import last_usable_checkpoint
 
-    return last_complete_checkpoint(out / "checkpoints")
+    return last_usable_checkpoint(out / "checkpoints")
