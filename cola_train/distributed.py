@@ -627,8 +627,9 @@ def hand_over_preemption() -> None:
 
 @contextlib.contextmanager
 def _forward_preemption():
-    """While local ranks run under SLURM: note the preemption signal here (submitit's handler
-    would exit at once) and pass it on to the ranks, which checkpoint and stop."""
+    """While local ranks run: note the preemption signal here (under SLURM submitit's handler
+    would exit at once; outside it SIGTERM / SIGUSR1) and pass it on to the ranks, which
+    checkpoint and stop."""
     procs: list = []
     if not install_preemption_handler():
         yield procs
@@ -642,12 +643,16 @@ def _forward_preemption():
 
                 for child in psutil.Process(proc.pid).children(recursive=True):
                     child.send_signal(signum)
-    sig = preempt_signal()
-    signal.signal(sig, forward)
+    # outside SLURM the ranks run in a session of their own (launch_local_ranks): a stop meant
+    # for the job (scripts/study.py signals its process group) reaches them through here
+    sigs = [preempt_signal()] if (under_submitit() or under_slurm()) else [signal.SIGTERM, signal.SIGUSR1]
+    for sig in sigs:
+        signal.signal(sig, forward)
     try:
         yield procs
     finally:
-        signal.signal(sig, _on_signal)
+        for sig in sigs:
+            signal.signal(sig, _on_signal)
 
 
 # Seconds to sleep after every step; for the preemption tests only.

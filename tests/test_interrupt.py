@@ -124,3 +124,29 @@ def test_ctrl_c_reaches_local_ranks_through_their_parent(tmp_path, data_root):
     assert again.returncode == 0, again.stderr[-2000:]
     done = _results(run_dir)
     assert done["status"] == "completed" and done["train"]["resumed"] is True and done["train"]["steps"] == 12
+
+
+def test_ctrl_c_outside_a_training_step_is_one_line_and_exit_130(tmp_path, capsys):
+    """A Ctrl-C while loading or evaluating unwinds (nothing to checkpoint there) and ends as one
+    line naming the last checkpoint, exit 130, results.json "interrupted"; before, a traceback."""
+    from cola_train.errors import run_guarded
+
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-6"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "CHECKPOINT_COMPLETE").write_text("{}")
+
+    def evaluating():
+        raise KeyboardInterrupt
+
+    try:
+        run_guarded(evaluating, tmp_path, exit_on_error=True)
+    except SystemExit as stopped:
+        assert stopped.code == 130
+    except KeyboardInterrupt:  # not turned into the line: fail this test, not the whole session
+        pytest.fail("KeyboardInterrupt escaped run_guarded")
+    else:
+        pytest.fail("run_guarded returned after a KeyboardInterrupt")
+    err = capsys.readouterr().err
+    assert err == (f"interrupted outside a training step; the last checkpoint is {checkpoint} (step 6); "
+                   "re-run with trainer.resume=true to continue\n")
+    assert _results(tmp_path)["status"] == "interrupted"
