@@ -464,7 +464,7 @@ def launch_local_ranks(cfg, out: Path, overrides: list[str], sweeping: bool):
     fresh = (out / "results.json").is_file() and (out / "results.json").stat().st_mtime >= started - 1
     results = _read_results(out) if fresh else {}  # not the one an earlier attempt left
     status = results.get("status")
-    if status == preemption.STATUS or preemption.requested():
+    if status == preemption.STATUS or (preemption.requested() and status != "completed"):
         preemption.report_ranks(out, results)  # one line, exit 130
     if status == "preempted":
         log.warning("ranks stopped for preemption at step %s", results.get("train", {}).get("steps"))
