@@ -28,13 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+from . import preemption  # Ctrl-C: checkpoint, "interrupted", exit 130 (stdlib only)
+
 log = logging.getLogger("cola_train")
 
 # Set when this process made itself rank 0 of a world of one (single-process DeepSpeed); it
 # must not count as "launched by a launcher" when a later job of the same sweep wants N ranks.
 _SELF_RANK = "COLA_TRAIN_SELF_RANK"
 # Set in the environment of the ranks that `trainer.devices=N` starts: their parent requeues.
-_SPAWNED = "COLA_TRAIN_SPAWNED"
+_SPAWNED = preemption.SPAWNED
 _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -453,13 +455,17 @@ def launch_local_ranks(cfg, out: Path, overrides: list[str], sweeping: bool):
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     log.info("starting %d local ranks (%s) in %s", n, "nccl" if cuda() else "gloo", out)
     started = time.time()
-    with _forward_preemption() as forwarded:
-        proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd())
+    # the ranks in a session of their own: a terminal's Ctrl-C reaches only this process, which
+    # forwards it to the ranks (torchrun's agent would tear them down before they save)
+    with _forward_preemption() as forwarded, preemption.forward_to_ranks(forwarded):
+        proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), start_new_session=True)
         forwarded.append(proc)
         rc = proc.wait()
     fresh = (out / "results.json").is_file() and (out / "results.json").stat().st_mtime >= started - 1
     results = _read_results(out) if fresh else {}  # not the one an earlier attempt left
     status = results.get("status")
+    if status == preemption.STATUS or (preemption.requested() and status != "completed"):
+        preemption.report_ranks(out, results)  # one line, exit 130
     if status == "preempted":
         log.warning("ranks stopped for preemption at step %s", results.get("train", {}).get("steps"))
         hand_over_preemption()
@@ -564,8 +570,9 @@ _FLAG = _Flag()
 
 def _on_signal(signum, frame):  # noqa: ARG001
     if _FLAG.signum is None:
-        log.warning("caught %s: saving a checkpoint at the end of this step, then requeueing",
-                    signal.Signals(signum).name)
+        then = "requeueing" if (under_submitit() or under_slurm()) else "stopping (the same command resumes)"
+        log.warning("caught %s: saving a checkpoint at the end of this step, then %s",
+                    signal.Signals(signum).name, then)
     _FLAG.signum = signum
 
 
@@ -620,8 +627,9 @@ def hand_over_preemption() -> None:
 
 @contextlib.contextmanager
 def _forward_preemption():
-    """While local ranks run under SLURM: note the preemption signal here (submitit's handler
-    would exit at once) and pass it on to the ranks, which checkpoint and stop."""
+    """While local ranks run: note the preemption signal here (under SLURM submitit's handler
+    would exit at once; outside it SIGTERM / SIGUSR1) and pass it on to the ranks, which
+    checkpoint and stop."""
     procs: list = []
     if not install_preemption_handler():
         yield procs
@@ -635,12 +643,16 @@ def _forward_preemption():
 
                 for child in psutil.Process(proc.pid).children(recursive=True):
                     child.send_signal(signum)
-    sig = preempt_signal()
-    signal.signal(sig, forward)
+    # outside SLURM the ranks run in a session of their own (launch_local_ranks): a stop meant
+    # for the job (scripts/study.py signals its process group) reaches them through here
+    sigs = [preempt_signal()] if (under_submitit() or under_slurm()) else [signal.SIGTERM, signal.SIGUSR1]
+    for sig in sigs:
+        signal.signal(sig, forward)
     try:
         yield procs
     finally:
-        signal.signal(sig, _on_signal)
+        for sig in sigs:
+            signal.signal(sig, _on_signal)
 
 
 # Seconds to sleep after every step; for the preemption tests only.
@@ -655,11 +667,24 @@ def _preempt_callback_class():
         at the same step (one tiny all-reduce per step, only under SLURM)."""
 
         def __init__(self):
-            self.active = install_preemption_handler()
+            self.active = install_preemption_handler() | preemption.install()  # both, always
             self.stopped_at: int | None = None
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            preemption.set_training(True)  # a Ctrl-C from here asks for a checkpoint
+
+        def on_train_end(self, args, state, control, **kwargs):
+            preemption.set_training(False)
+
         def _any_rank(self, args) -> bool:
-            mine = preemption_requested()
+            """Max over the ranks of 0 (go on), 1 (preemption signal), 2 (Ctrl-C): every rank
+            stops at the same step and for the same reason."""
+            mine = 2 if preemption.requested() else 1 if preemption_requested() else 0
+            reason = self._reduce(args, mine)
+            preemption.STATE.stop = reason == 2
+            return reason > 0
+
+        def _reduce(self, args, mine: int) -> int:
             if not self.active:
                 return mine
             import torch
@@ -668,9 +693,9 @@ def _preempt_callback_class():
             if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
                 return mine
             device = args.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            t = torch.tensor([1.0 if mine else 0.0], device=device)
+            t = torch.tensor([float(mine)], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return t.item() > 0
+            return int(t.item())
 
         def on_step_end(self, args, state, control, **kwargs):
             if _DEBUG_STEP_SLEEP:  # tests: slow steps down so a signal lands mid-run
@@ -707,8 +732,12 @@ def mean_train_loss(trainer, train_out, resumed: bool) -> float:
 
 
 def stop_for_preemption(out: Path, trainer, results: dict) -> None:
-    """After trainer.train() returned early on the signal: record it, then requeue and exit."""
+    """After trainer.train() returned early on the signal: record it, then requeue and exit.
+    A Ctrl-C instead: results.json says "interrupted", nothing is requeued, exit 130."""
     from .results import write_json_atomic
+
+    if preemption.STATE.stop:
+        preemption.stop(out, trainer, results, barrier, spawned=bool(os.environ.get(_SPAWNED)))
 
     step = trainer.state.global_step
     results = {**results, "status": "preempted",

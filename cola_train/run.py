@@ -267,8 +267,8 @@ def run_name_from(results: dict) -> str:
 
 
 def _last_checkpoint(out: Path) -> str | None:
-    """The newest checkpoint that was completely written (see CheckpointCompleteMarker); a
-    checkpoint cut short by a kill is ignored rather than loaded half-written."""
-    from .trainer import last_complete_checkpoint
+    """The newest checkpoint that was completely written (see CheckpointCompleteMarker) and
+    loads; a checkpoint cut short by a kill is ignored, a corrupt one is named and skipped."""
+    from .checkpoints import last_usable_checkpoint
 
-    return last_complete_checkpoint(out / "checkpoints")
+    return last_usable_checkpoint(out / "checkpoints")

@@ -3,12 +3,13 @@ balance), per-step re-drawing of CoLA-random pairings, token counting, and a met
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import adapters
+from . import adapters, checkpoints
 from .results import append_jsonl
 
 
@@ -18,6 +19,33 @@ class ColaTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_tokens = 0
+
+    # -- checkpoints: our own layers save and load only what cannot be rebuilt (checkpoints.py)
+    def _slim(self) -> bool:
+        return not self.is_deepspeed_enabled and checkpoints.slim_model(self.model)
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self._slim():
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            from transformers.trainer import TRAINING_ARGS_NAME
+
+            checkpoints.save_slim(self.model, output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if checkpoints.is_slim(resume_from_checkpoint) and not self.is_deepspeed_enabled:
+            checkpoints.load_slim(model if model is not None else self.model, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if best and checkpoints.is_slim(best) and not self.is_deepspeed_enabled:
+            checkpoints.load_slim(self.model, best)
+            return
+        super()._load_best_model()
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         if model.training and "attention_mask" in inputs:
@@ -93,7 +121,8 @@ class StopWithoutGradient(TrainerCallback):
                                   "trainable parameters, so training would not change the model")
 
 
-COMPLETE = "CHECKPOINT_COMPLETE"
+COMPLETE = checkpoints.COMPLETE
+last_complete_checkpoint = checkpoints.last_complete_checkpoint
 
 
 def saved_checkpoint(args, state):
@@ -118,14 +147,3 @@ class CheckpointCompleteMarker(TrainerCallback):
             folder = saved_checkpoint(args, state)
             if folder is not None:
                 write_json_atomic(folder / COMPLETE, {"step": state.global_step})
-
-
-def last_complete_checkpoint(folder) -> str | None:
-    from pathlib import Path
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).is_file()
-            and p.name.split("-")[-1].isdigit()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
