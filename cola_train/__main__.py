@@ -76,7 +76,7 @@ def main() -> None:
     from omegaconf import DictConfig
 
     from .config import register_schemas
-    from .errors import run_guarded
+    from .errors import exit_if_not_scored, run_guarded
 
     register_schemas()
 
@@ -93,7 +93,7 @@ def main() -> None:
         # here, as N local ranks (trainer.devices), or as one SLURM task's rank
         job = lambda: distributed.job(cfg, out, run, sweeping)  # noqa: E731
         if not sweeping:
-            return run_guarded(job, out, exit_on_error=True)
+            return exit_if_not_scored(run_guarded(job, out, exit_on_error=True))
         return distributed.keep_sweeping(lambda: run_guarded(job, out, exit_on_error=False), out)
 
     _main()
@@ -106,4 +106,7 @@ if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
     check_keys(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
+    from .checks import check_values
+
+    check_values(sys.argv[1:])  # bad values exit 2 here, before Hydra makes a run dir
     main()

@@ -740,6 +740,9 @@ def job(cfg, out: Path, run, sweeping: bool):
     hc = HydraConfig.get()
     if should_spawn(cfg):
         validate(cfg)  # bad input stops here, once, before any rank starts
+        from .checks import before_model
+
+        before_model(cfg)  # data, benchmark, DeepSpeed, ranks: one line here, not one per rank
         return launch_local_ranks(cfg, out, list(hc.overrides.task), sweeping)
     pinned = any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in hc.overrides.hydra)
     out = agree_on_output_dir(out, pinned=pinned or sweeping)

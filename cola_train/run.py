@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, distributed
+from . import adapters, chain, checks, distributed
 from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
-from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
+from .models import load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
 from .regional_compile import compile_blocks
 from .results import completed_results, write_json_atomic
 
@@ -37,8 +37,9 @@ def _setup_logger(cfg, out: Path) -> list[str]:
         os.environ.setdefault("WANDB_DISABLED", "true")
         return []
     mode = cfg.logger.mode
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        log.warning("WANDB_API_KEY is not set: logging to W&B offline (wandb sync later)")
+    if mode == "online" and not checks.wandb_credentials():
+        log.warning("no W&B credentials (WANDB_API_KEY or `wandb login`'s netrc entry): "
+                    "logging to W&B offline (wandb sync later)")
         mode = "offline"
     os.environ.update(WANDB_MODE=mode, WANDB_PROJECT=cfg.logger.project, WANDB_DIR=str(out))
     if cfg.logger.entity:
@@ -67,12 +68,12 @@ def training_arguments(cfg, out: Path, report_to: list[str]):
 
 
 def build_model(cfg):
-    """Tokenizer, base model and the method's adapter, checked before any data is read."""
+    """Tokenizer, base model and the method's adapter."""
+    log.info("building model %s", cfg.model.name)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
     targets = cfg.method.target_modules or target_modules(cfg.model)
-    if cfg.method.kind != "none":
-        check_targets(model, list(targets))
+    checks.check_layers(model, cfg)  # targets exist, ranks fit their widths: before any adapter
     if torch.cuda.is_available() and cfg.deepspeed.name == "none":
         # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
@@ -87,8 +88,8 @@ def build_model(cfg):
     return tokenizer, model
 
 
-def build_data(cfg, tokenizer):
-    records = load_domain_records(cfg.data)
+def build_data(cfg, tokenizer, records: list[dict] | None = None):
+    records = load_domain_records(cfg.data) if records is None else records
     train, val = split_train_val(records, cfg.data, cfg.seed)
     encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len)
     return encode(train), (encode(val) if val else None)
@@ -99,6 +100,28 @@ def _benchmark(cfg, model, tokenizer) -> dict | None:
     from .data.sources import data_root
 
     return run_benchmark(model, tokenizer, cfg.eval, cfg.data.domain, data_root(cfg.data))
+
+
+# results.json status of a run that trained and saved its weights but whose benchmark failed: not
+# "completed", so reports list it apart from scored runs and trainer.resume=true scores it again
+BENCHMARK_FAILED = "benchmark_failed"
+
+
+def _benchmark_after_training(cfg, model, tokenizer, bench_before: dict | None) -> dict:
+    """The benchmark's result, or {"name", "error"} when it fails: the training it comes after
+    is kept either way (the caller has saved the weights and writes results.json)."""
+    try:
+        bench = _benchmark(cfg, model, tokenizer)
+    except Exception as err:  # noqa: BLE001 - any failure here must not lose the trained run
+        log.exception("the benchmark failed after training")
+        message = str(err).splitlines()[0] if str(err) else ""
+        from .eval import DOMAIN_BENCHMARK
+
+        name = cfg.eval.benchmark or DOMAIN_BENCHMARK.get(cfg.data.domain)
+        return {"name": name, "error": f"{type(err).__name__}: {message}".rstrip(": ")}
+    if bench_before is not None:
+        bench["accuracy_before"] = bench_before.get("accuracy")
+    return bench
 
 
 def run(cfg, out: Path) -> dict:
@@ -115,10 +138,12 @@ def run(cfg, out: Path) -> dict:
         log.info("%s: already completed in %s; trainer.resume=true leaves it as it is", run_name(cfg), out)
         print(summary_line(done, out), flush=True)
         return done
+    checks.before_model(cfg)  # data, benchmark files, DeepSpeed, ranks vs widths: one line each
+    records = load_domain_records(cfg.data)  # read (bad rows, bad bytes) before the model is built
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     tokenizer, model = build_model(cfg)
-    train_ds, val_ds = build_data(cfg, tokenizer)
+    train_ds, val_ds = build_data(cfg, tokenizer, records)
     report_to = _setup_logger(cfg, out)
     args = training_arguments(cfg, out, report_to)
     preemption = distributed.preemption_callback()  # SLURM: checkpoint + requeue on the signal
@@ -163,18 +188,18 @@ def run(cfg, out: Path) -> dict:
     if eval_before is None and val_ds and cfg.eval.before:
         eval_before = distributed.eval_loss_at_start(trainer)  # DeepSpeed: evaluated inside train()
     results["eval"] = {"loss_before": eval_before, "loss": eval_after}
-    if cfg.eval.enabled and bench_here:
-        bench = _benchmark(cfg, model, tokenizer)
-        if bench_before is not None:
-            bench["accuracy_before"] = bench_before.get("accuracy")
-        results["benchmark"] = bench
-    else:
-        results["benchmark"] = None
     if schedule is not None:
         results["chain"] = schedule.summary()  # per link: steps, rank, loss at the switch, |dW|
+    # the weights first: a benchmark that fails after hours of training loses no trained adapter
     distributed.save_weights(cfg, trainer, model, out, adapters.save_adapter)  # collective; rank 0 writes
+    results["benchmark"] = None
+    if cfg.eval.enabled and bench_here:
+        results["benchmark"] = _benchmark_after_training(cfg, model, tokenizer, bench_before)
     if trainer.is_world_process_zero():
         results["status"] = "completed"
+        if (results["benchmark"] or {}).get("error"):
+            results["status"] = BENCHMARK_FAILED  # trained and saved, but not scored
+            results["error"] = f"benchmark failed after training: {results['benchmark']['error']}"
         write_json_atomic(out / "results.json", results)
         print(summary_line(results, out), flush=True)
     distributed.forget_deepspeed()
@@ -207,7 +232,9 @@ def summary_line(results: dict, out: Path) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     parts = [f"eval loss {fmt(ev['loss_before'])} -> {fmt(ev['loss'])}" if ev["loss_before"] is not None
              else f"eval loss {fmt(ev['loss'])}"]
-    if bench:
+    if bench.get("error"):
+        parts.append(f"benchmark FAILED after training ({bench['error']}); weights saved")
+    elif bench:
         acc = f"{bench['name']} accuracy {fmt(bench.get('accuracy_before'))} -> {fmt(bench['accuracy'])}" \
             if bench.get("accuracy_before") is not None else f"{bench['name']} accuracy {fmt(bench['accuracy'])}"
         parts.append(f"{acc} ({bench['n_examples']} questions)")
