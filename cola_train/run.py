@@ -113,7 +113,12 @@ def _benchmark_after_training(cfg, model, tokenizer, bench_before: dict | None) 
     try:
         bench = _benchmark(cfg, model, tokenizer)
     except Exception as err:  # noqa: BLE001 - any failure here must not lose the trained run
-        log.exception("the benchmark failed after training")
+        from .errors import user_errors
+
+        if isinstance(err, user_errors()):  # bad or vanished eval data: its one line says it
+            log.error("the benchmark failed after training: %s", err)
+        else:  # a fault in the scorer (or out of memory): the traceback is for the bug report
+            log.exception("the benchmark failed after training")
         message = str(err).splitlines()[0] if str(err) else ""
         from .eval import DOMAIN_BENCHMARK
 

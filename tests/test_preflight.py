@@ -204,27 +204,30 @@ def test_value_error_is_fast_and_leaves_no_run_dir(tmp_path, args, pattern):
 
 
 def test_benchmark_failing_after_training_keeps_adapter_and_results(tmp_path, data_root):
-    """The scorer breaks after training (here: a sitecustomize makes run_benchmark raise, as an
-    out-of-memory or a tokenizer fault would): the adapter and results.json, with the trained
-    steps and the benchmark's error, are still written, and the command exits 1."""
+    """The benchmark breaks after training although it was readable before (here: a
+    sitecustomize makes run_benchmark raise as if the eval files had gone, e.g. a network file
+    system that dropped out): the adapter and results.json, with the trained steps and the
+    benchmark's error, are still written, and the command exits 1."""
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(
         "import cola_train.eval as ev\n"
         "def _broken(*args, **kwargs):\n"
-        "    raise RuntimeError('scorer broke (test shim)')\n"
+        "    raise ev.EvalDataError('benchmark file missing: /nfs/eval/gsm8k/gsm8k_test.csv (test shim)')\n"
         "ev.run_benchmark = _broken\n")
     run_dir = tmp_path / "run"
     proc = run_cli(TINY + ["eval=default", "eval.max_examples=4", f"hydra.run.dir={run_dir}"],
                    env={"PYTHONPATH": f"{shim}:{REPO}"})
-    _one_error(proc, r"^error: benchmark failed after training: RuntimeError: scorer broke \(test shim\) "
+    _one_error(proc, r"^error: benchmark failed after training: EvalDataError: benchmark file missing: "
+                     r"/nfs/eval/gsm8k/gsm8k_test.csv \(test shim\) "
                      r"\(the trained weights and results.json were written\)$", code=1)
     assert (run_dir / "adapter").is_dir() and any((run_dir / "adapter").iterdir())
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "benchmark_failed"
     assert results["train"]["steps"] == 8  # TINY's trainer.max_steps
     assert results["eval"]["loss"] is not None
-    assert results["benchmark"] == {"name": "gsm8k", "error": "RuntimeError: scorer broke (test shim)"}
+    assert results["benchmark"] == {
+        "name": "gsm8k", "error": "EvalDataError: benchmark file missing: /nfs/eval/gsm8k/gsm8k_test.csv (test shim)"}
     assert "benchmark FAILED after training" in proc.stdout
 
 
