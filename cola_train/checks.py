@@ -7,6 +7,8 @@ model load, after every rank printed the same traceback, or after the whole trai
 the benchmark could not find its files and the trained adapter was never written. Each failure
 here is one line (DataError, EvalDataError or ConfigError, which errors.py prints as `error: ...`).
 
+Lower layers only (config, data, eval, models, adapters): distributed and run import this module.
+
 `check_values` runs in __main__ on the composed config, before Hydra makes a run dir, so a bad
 value leaves no folder named like a run. `before_model` runs in run.py before the model is built,
 and in the parent before `trainer.devices` ranks are spawned. `check_layers` runs on the built
@@ -60,12 +62,7 @@ def check_values(argv: list[str]) -> None:
 
 
 def before_model(cfg) -> None:
-    """Everything that can fail before the first step and does not need the built model.
-    Ranks that `trainer.devices` spawned skip it: their parent ran it before starting them."""
-    from .distributed import _SPAWNED
-
-    if os.environ.get(_SPAWNED):
-        return
+    """Everything that can fail before the first step and does not need the built model."""
     data_present(cfg.data)
     benchmark_present(cfg)
     deepspeed_importable(cfg)
@@ -197,13 +194,11 @@ def needed_rank(method_cfg) -> tuple[str, int]:
     """(the key that sets it, the rank) each adapted linear must hold. Every method's factors
     are rank r: LoRA's pair, each of CoLA's A_i / B_j, HydraLoRA's A and heads, each MoLE expert;
     PiSSA-style inits take the top r singular vectors, so r > min(in, out) cannot even
-    initialise. Chain of LoRA: its largest link rank."""
-    from . import chain
-
-    if method_cfg.kind == "chain":
-        ranks = chain.link_ranks(method_cfg)
-        key = f"method.rank_schedule={list(ranks)}" if method_cfg.rank_schedule else f"method.r={method_cfg.r}"
-        return key, max(ranks)
+    initialise. Chain of LoRA: its largest link rank (chain.link_ranks; not imported, as chain
+    imports distributed, which imports this module)."""
+    if method_cfg.kind == "chain" and method_cfg.rank_schedule:
+        ranks = [int(r) for r in method_cfg.rank_schedule]
+        return f"method.rank_schedule={ranks} (rank {max(ranks)})", max(ranks)
     return f"method.r={method_cfg.r}", int(method_cfg.r)
 
 

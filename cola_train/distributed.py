@@ -418,6 +418,12 @@ def save_weights(cfg, trainer, model, out: Path, save_adapter) -> None:
 # N local ranks from one command
 
 
+def spawned() -> bool:
+    """A rank that `trainer.devices` started: its parent checked the run before starting it and
+    reports its outcome."""
+    return bool(os.environ.get(_SPAWNED))
+
+
 def should_spawn(cfg) -> bool:
     return cfg.trainer.devices > 1 and not is_rank()
 

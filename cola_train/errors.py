@@ -6,7 +6,6 @@ sweep goes on: the report lists it as failed instead of averaging it in.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -41,9 +40,9 @@ def exit_if_not_scored(results):
     results.json (status "benchmark_failed"); it still exits 1 so that scripts notice. Ranks
     that `trainer.devices` spawned exit 0 and leave this to their parent, which would otherwise
     overwrite the record with "failed"."""
-    from .distributed import _SPAWNED
+    from .distributed import spawned
 
-    if isinstance(results, dict) and results.get("status") == "benchmark_failed" and not os.environ.get(_SPAWNED):
+    if isinstance(results, dict) and results.get("status") == "benchmark_failed" and not spawned():
         print(f"error: {results.get('error')} (the trained weights and results.json were written)", file=sys.stderr)
         sys.exit(1)
     return results

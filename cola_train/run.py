@@ -143,7 +143,8 @@ def run(cfg, out: Path) -> dict:
         log.info("%s: already completed in %s; trainer.resume=true leaves it as it is", run_name(cfg), out)
         print(summary_line(done, out), flush=True)
         return done
-    checks.before_model(cfg)  # data, benchmark files, DeepSpeed, ranks vs widths: one line each
+    if not distributed.spawned():  # the parent checked before starting the ranks
+        checks.before_model(cfg)  # data, benchmark files, DeepSpeed, ranks vs widths: one line each
     records = load_domain_records(cfg.data)  # read (bad rows, bad bytes) before the model is built
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
