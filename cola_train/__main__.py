@@ -83,7 +83,7 @@ def main() -> None:
     from omegaconf import DictConfig
 
     from .config import register_schemas
-    from .errors import run_guarded
+    from .errors import exit_if_not_scored, run_guarded
 
     register_schemas()
 
@@ -100,7 +100,7 @@ def main() -> None:
         # here, as N local ranks (trainer.devices), or as one SLURM task's rank
         job = lambda: distributed.job(cfg, out, run, sweeping)  # noqa: E731
         if not sweeping:
-            return run_guarded(job, out, exit_on_error=True)
+            return exit_if_not_scored(run_guarded(job, out, exit_on_error=True))
         return distributed.keep_sweeping(lambda: run_guarded(job, out, exit_on_error=False), out)
 
     _main()
@@ -114,6 +114,9 @@ if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
     check_keys(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
+    from .checks import check_values
+
+    check_values(sys.argv[1:])  # bad values exit 2 here, before Hydra makes a run dir
     sys.argv[1:] = check_sweep(sys.argv[1:])  # -m: jobs that would train the same thing; --force
     from .resume import before_hydra
 

@@ -236,6 +236,9 @@ def validate(cfg) -> None:
             raise ConfigError(f"method.alpha={m.alpha} must be > 0")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"method.dropout={m.dropout} is outside [0, 1)")
+    e = cfg.eval
+    if e.max_examples is not None and e.max_examples < 1:  # else select_subset fails after training
+        raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 1 (or null: every question)")
     if m.kind == "chain":
         from .chain import check_config as check_chain
 

@@ -420,6 +420,12 @@ def save_weights(cfg, trainer, model, out: Path, save_adapter) -> None:
 # N local ranks from one command
 
 
+def spawned() -> bool:
+    """A rank that `trainer.devices` started: its parent checked the run before starting it and
+    reports its outcome."""
+    return bool(os.environ.get(_SPAWNED))
+
+
 def should_spawn(cfg) -> bool:
     return cfg.trainer.devices > 1 and not is_rank()
 
@@ -772,6 +778,9 @@ def job(cfg, out: Path, run, sweeping: bool):
         from .resume import check as check_resume
 
         check_resume(cfg, out, resuming(out))  # and a resume with another config
+        from .checks import before_model
+
+        before_model(cfg)  # data, benchmark, DeepSpeed, ranks: one line here, not one per rank
         return launch_local_ranks(cfg, out, list(hc.overrides.task), sweeping)
     pinned = any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in hc.overrides.hydra)
     out = agree_on_output_dir(out, pinned=pinned or sweeping)

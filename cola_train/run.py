@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, distributed, resume as resuming
+from . import adapters, chain, checks, distributed, kernels, resume as resuming
 from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
 from .data.sampling import describe_sample
-from .models import check_targets, load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
-from . import kernels
+from .models import load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
 from .phases import Phases, StepTimer
 from .regional_compile import compile_blocks
 from .results import completed_results, write_json_atomic
@@ -40,8 +39,9 @@ def _setup_logger(cfg, out: Path) -> list[str]:
         os.environ.setdefault("WANDB_DISABLED", "true")
         return []
     mode = cfg.logger.mode
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        log.warning("WANDB_API_KEY is not set: logging to W&B offline (wandb sync later)")
+    if mode == "online" and not checks.wandb_credentials():
+        log.warning("no W&B credentials (WANDB_API_KEY or `wandb login`'s netrc entry): "
+                    "logging to W&B offline (wandb sync later)")
         mode = "offline"
     os.environ.update(WANDB_MODE=mode, WANDB_PROJECT=cfg.logger.project, WANDB_DIR=str(out))
     if cfg.logger.entity:
@@ -70,18 +70,17 @@ def training_arguments(cfg, out: Path, report_to: list[str]):
 
 
 def build_model(cfg, phases: Phases | None = None):
-    """Tokenizer, base model and the method's adapter, checked before any data is read. Returns
-    (tokenizer, model, the fused kernels applied under the adapters)."""
+    """Tokenizer, base model and the method's adapter. Returns (tokenizer, model, the fused
+    kernels applied under the adapters)."""
     phases = phases or Phases()
-    with phases("model load"):
+    with phases(f"model load ({cfg.model.name})"):
         tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
+        targets = cfg.method.target_modules or target_modules(cfg.model)
+        checks.check_layers(model, cfg)  # targets exist, ranks fit their widths: before any adapter
         if torch.cuda.is_available() and cfg.deepspeed.name == "none":
             # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
             model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    targets = cfg.method.target_modules or target_modules(cfg.model)
-    if cfg.method.kind != "none":
-        check_targets(model, list(targets))
     choice, why = kernels.choose(cfg.trainer.kernels, cfg.model.family, torch.cuda.is_available())
     if choice == "none" and cfg.trainer.kernels == "auto" and torch.cuda.is_available():
         log.info("fused model kernels: none (%s)", why)
@@ -98,9 +97,9 @@ def build_model(cfg, phases: Phases | None = None):
     return tokenizer, model, applied
 
 
-def build_data(cfg, tokenizer, phases: Phases | None = None):
-    with (phases or Phases())("data load and tokenization"):
-        records = load_domain_records(cfg.data)
+def build_data(cfg, tokenizer, records: list[dict] | None = None, phases: Phases | None = None):
+    with (phases or Phases())("data split and tokenization"):
+        records = load_domain_records(cfg.data) if records is None else records
         train, val = split_train_val(records, cfg.data, cfg.seed)
         log.info(describe_sample(cfg.data, len(records)))  # fraction or max_samples: which one decided
         encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len)
@@ -112,6 +111,33 @@ def _benchmark(cfg, model, tokenizer) -> dict | None:
     from .data.sources import data_root
 
     return run_benchmark(model, tokenizer, cfg.eval, cfg.data.domain, data_root(cfg.data))
+
+
+# results.json status of a run that trained and saved its weights but whose benchmark failed: not
+# "completed", so reports list it apart from scored runs and trainer.resume=true scores it again
+BENCHMARK_FAILED = "benchmark_failed"
+
+
+def _benchmark_after_training(cfg, model, tokenizer, bench_before: dict | None) -> dict:
+    """The benchmark's result, or {"name", "error"} when it fails: the training it comes after
+    is kept either way (the caller has saved the weights and writes results.json)."""
+    try:
+        bench = _benchmark(cfg, model, tokenizer)
+    except Exception as err:  # noqa: BLE001 - any failure here must not lose the trained run
+        from .errors import user_errors
+
+        if isinstance(err, user_errors()):  # bad or vanished eval data: its one line says it
+            log.error("the benchmark failed after training: %s", err)
+        else:  # a fault in the scorer (or out of memory): the traceback is for the bug report
+            log.exception("the benchmark failed after training")
+        message = str(err).splitlines()[0] if str(err) else ""
+        from .eval import DOMAIN_BENCHMARK
+
+        name = cfg.eval.benchmark or DOMAIN_BENCHMARK.get(cfg.data.domain)
+        return {"name": name, "error": f"{type(err).__name__}: {message}".rstrip(": ")}
+    if bench_before is not None:
+        bench["accuracy_before"] = bench_before.get("accuracy")
+    return bench
 
 
 def run(cfg, out: Path) -> dict:
@@ -130,12 +156,15 @@ def run(cfg, out: Path) -> dict:
         log.info("%s: already completed in %s; trainer.resume leaves it as it is", run_name(cfg), out)
         print(summary_line(done, out), flush=True)
         return done
+    if not distributed.spawned():  # the parent checked before starting the ranks
+        checks.before_model(cfg)  # data, benchmark files, DeepSpeed, ranks vs widths: one line each
+    records = load_domain_records(cfg.data)  # read (bad rows, bad bytes) before the model is built
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     phases = Phases()
     tokenizer, model, applied_kernels = build_model(cfg, phases)
     check_tokenizer(cfg.eval, tokenizer)  # eval.chat_template needs a template: stop now, not after training
-    train_ds, val_ds = build_data(cfg, tokenizer, phases)
+    train_ds, val_ds = build_data(cfg, tokenizer, records, phases)
     report_to = _setup_logger(cfg, out)
     args = training_arguments(cfg, out, report_to)
     preemption = distributed.preemption_callback()  # SLURM: checkpoint + requeue on the signal
@@ -195,23 +224,23 @@ def run(cfg, out: Path) -> dict:
     if eval_before is None and val_ds and cfg.eval.before:
         eval_before = distributed.eval_loss_at_start(trainer)  # DeepSpeed: evaluated inside train()
     results["eval"] = {"loss_before": eval_before, "loss": eval_after}
-    if cfg.eval.enabled and bench_here:
-        with phases("benchmark"):
-            bench = _benchmark(cfg, model, tokenizer)
-        if bench_before is not None:
-            bench["accuracy_before"] = bench_before.get("accuracy")
-        results["benchmark"] = bench
-    else:
-        results["benchmark"] = None
     if schedule is not None:
         results["chain"] = schedule.summary()  # per link: steps, rank, loss at the switch, |dW|
+    # the weights first: a benchmark that fails after hours of training loses no trained adapter
     with phases("adapter save"):
         distributed.save_weights(cfg, trainer, model, out, adapters.save_adapter)  # collective; rank 0 writes
+    results["benchmark"] = None
+    if cfg.eval.enabled and bench_here:
+        with phases("benchmark"):
+            results["benchmark"] = _benchmark_after_training(cfg, model, tokenizer, bench_before)
     per_sequence = args.per_device_train_batch_size * args.gradient_accumulation_steps
     results["timings"] = {**{k: round(v, 3) for k, v in phases.seconds.items()},
                           **timer.summary(seq_len=_mean_sequence(timer, per_sequence))}
     if trainer.is_world_process_zero():
         results["status"] = "completed"
+        if (results["benchmark"] or {}).get("error"):
+            results["status"] = BENCHMARK_FAILED  # trained and saved, but not scored
+            results["error"] = f"benchmark failed after training: {results['benchmark']['error']}"
         write_json_atomic(out / "results.json", results)
         print(summary_line(results, out), flush=True)
     distributed.forget_deepspeed()
@@ -250,7 +279,9 @@ def summary_line(results: dict, out: Path) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     parts = [f"eval loss {fmt(ev['loss_before'])} -> {fmt(ev['loss'])}" if ev["loss_before"] is not None
              else f"eval loss {fmt(ev['loss'])}"]
-    if bench:
+    if bench.get("error"):
+        parts.append(f"benchmark FAILED after training ({bench['error']}); weights saved")
+    elif bench:
         label = f"{bench['name']} {bench['scoring'][0]}" if bench.get("scoring") else bench["name"]
         acc = f"{label} accuracy {fmt(bench.get('accuracy_before'))} -> {fmt(bench['accuracy'])}" \
             if bench.get("accuracy_before") is not None else f"{label} accuracy {fmt(bench['accuracy'])}"

@@ -98,6 +98,7 @@ def test_resume_of_a_completed_run_leaves_it_as_it_is(data_root, tmp_path, caplo
 def test_wandb_offline_writes_a_run_with_metrics(data_root, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_DISABLED", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # nor `wandb login` credentials: offline
     _run(["method=lora", "logger=wandb", "logger.mode=online", "trainer.max_steps=3"], tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())

@@ -6,8 +6,10 @@ silent fallback would change what the experiment measures.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 from pathlib import Path
 
 from ..config import DataConfig, DataSource
@@ -24,8 +26,22 @@ def data_root(cfg: DataConfig) -> Path | None:
     return Path(root).expanduser() if root else None
 
 
+def _decode(path: Path) -> str:
+    """The file as UTF-8 (a BOM is dropped), strictly: a replaced byte would change the training
+    text without a word, so a bad byte stops the run naming where it is."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}: not valid UTF-8 at line {line}, column {column} (byte offset {err.start}: "
+                        f"{raw[err.start:err.end]!r}); re-encode the file as UTF-8, e.g. "
+                        f"iconv -f cp1252 -t utf-8 (or its real encoding)") from None
+
+
 def _read_json(path: Path) -> list:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _decode(path)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
@@ -60,6 +76,51 @@ def _normalise(rows, source: DataSource, where: str) -> list[dict]:
     return records
 
 
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+@functools.lru_cache(maxsize=None)
+def hub_offline(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub is out of reach, decided once per process.
+
+    The offline switches (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE) say so at
+    once; otherwise one request to the hub's endpoint (HF_ENDPOINT, proxies honoured) with a
+    short deadline. Without this, `load_dataset` on a machine with no network retries each
+    source for half a minute, printing every retry, before the run can say what is missing.
+    """
+    if any(_is_true(os.environ.get(k)) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    reached: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+            reached.append(True)
+        except urllib.error.HTTPError:  # an answer, even 4xx/5xx: the hub is there
+            reached.append(True)
+        except Exception:  # noqa: BLE001 - no DNS, refused, timed out, bad proxy: all mean offline
+            reached.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # DNS lookups ignore socket timeouts
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return not (reached and reached[0])
+
+
+def local_file(source: DataSource, root: Path | None) -> Path | None:
+    """The source's file on this machine (under the data root, or an absolute path), or None."""
+    if source.file and root is not None and (root / source.file).is_file():
+        return root / source.file
+    if source.file and Path(source.file).is_absolute() and Path(source.file).is_file():
+        return Path(source.file)
+    return None
+
+
 def _from_hub(source: DataSource) -> list | None:
     try:
         from datasets import load_dataset
@@ -69,28 +130,19 @@ def _from_hub(source: DataSource) -> list | None:
         return None
 
 
-def local_file(source: DataSource, root: Path | None) -> Path | None:
-    """The source's file on this machine (under the data root, or an absolute path), if any."""
-    if source.file and root is not None and (root / source.file).is_file():
-        return root / source.file
-    if source.file and Path(source.file).is_absolute() and Path(source.file).is_file():
-        return Path(source.file)
-    return None
-
-
 def load_source(source: DataSource, root: Path | None) -> list[dict] | None:
     """Records of one source, or None when it is nowhere to be found."""
     path = local_file(source, root)
     if path is not None:
         return _normalise(_read_json(path), source, str(path))
-    if source.hub_id and os.environ.get("HF_HUB_OFFLINE") != "1":
+    if source.hub_id and not hub_offline():
         rows = _from_hub(source)
         if rows is not None:
             return _normalise(rows, source, source.hub_id)
     return None
 
 
-def _missing_message(source: DataSource, root: Path | None) -> str:
+def missing_message(source: DataSource, root: Path | None) -> str:
     looked = f"looked for {root / source.file}" if (root and source.file) else "no data root set (data.root or $COLA_DATA_ROOT)"
     hub = f"hub id {source.hub_id} unreachable" if source.hub_id else "no hub id"
     return f"data source {source.name!r} is missing: {looked}; {hub}"
@@ -104,7 +156,7 @@ def load_domain_records(cfg: DataConfig) -> list[dict]:
     for source in cfg.sources:
         got = load_source(source, root)
         if got is None:
-            missing.append(_missing_message(source, root))
+            missing.append(missing_message(source, root))
         else:
             records.extend(got)
     if missing and (not cfg.skip_missing or not records):
