@@ -42,6 +42,9 @@ class MethodConfig:
     dropout: float = 0.05
     target_modules: Optional[List[str]] = None  # None: the model's own list
     init: str = "lora"                         # lora (Kaiming A, zero B) | pissa
+    # PiSSA-style inits: how W's top-r part is found (adapters/init.py, docs/INIT.md)
+    svd: str = "lowrank"                       # lowrank (torch.svd_lowrank, seeded) | exact (torch.linalg.svd)
+    svd_niter: int = 16                        # lowrank's power iterations (the paper's PiSSA baseline: 16)
     use_dora: bool = False
     # CoLA
     strategy: str = "fully"                    # fully | random | heuristic
@@ -156,6 +159,7 @@ _CHOICES = {
     "method.kind": ("none", "peft", "cola", "hydralora", "mole", "chain"),
     "method.strategy": ("fully", "random", "heuristic"),
     "method.init": ("lora", "pissa"),
+    "method.svd": ("lowrank", "exact"),
     "method.impl": ("fused", "loop"),
     "data.template": ("chat", "plain"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -207,6 +211,8 @@ def validate(cfg) -> None:
             raise ConfigError(f"method.alpha={m.alpha} must be > 0")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"method.dropout={m.dropout} is outside [0, 1)")
+        if m.svd_niter < 0:
+            raise ConfigError(f"method.svd_niter={m.svd_niter} must be >= 0")
     if m.kind == "chain":
         from .chain import check_config as check_chain
 

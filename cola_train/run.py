@@ -76,7 +76,8 @@ def build_model(cfg):
     if torch.cuda.is_available() and cfg.deepspeed.name == "none":
         # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets))  # chain: its base
+    model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets),  # chain: its base
+                                    seed=cfg.seed)
     mixed = any(_precision(cfg).values())
     if mixed and cfg.trainer.master_weights and not distributed.deepspeed_enabled(cfg):
         log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))

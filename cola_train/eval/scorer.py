@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..progress import bar
 from .benchmarks import (LETTERS, EvalDataError, benchmark_for_domain, load_benchmark,
                          select_subset)
 
@@ -142,7 +143,8 @@ def letter_logits(model, tokenizer, examples: list[dict], batch_size: int = 16,
     accepted = _forward_kwargs(model)
 
     encoded, truncated = [], 0
-    for ex in examples:
+    for ex in bar(examples, desc="benchmark prompts", total=len(examples), unit="prompt",
+                  enabled=progress):
         seq = list(tokenizer(build_prompt(ex))["input_ids"]) + prefix
         if max_length and len(seq) > max_length:
             seq, truncated = seq[-max_length:], truncated + 1
@@ -156,13 +158,7 @@ def letter_logits(model, tokenizer, examples: list[dict], batch_size: int = 16,
     scores: list[list[float] | None] = [None] * len(examples)
     letter_index = torch.tensor(ids, device=device)
 
-    if progress is None:
-        progress = len(batches) >= 20
-    try:
-        from tqdm.auto import tqdm
-        batch_iter = tqdm(batches, desc="benchmark", unit="batch", disable=not progress)
-    except ImportError:  # pragma: no cover
-        batch_iter = batches
+    batch_iter = bar(batches, desc="benchmark", unit="batch", enabled=progress)
 
     was_training = model.training
     model.eval()
@@ -239,6 +235,8 @@ def run_benchmark(model, tokenizer, eval_cfg, domain: str, data_root) -> dict:
     examples = load_benchmark(name, data_root, subjects=subjects,
                               skip_bad_rows=bool(getattr(eval_cfg, "skip_bad_rows", False)))
     max_examples = getattr(eval_cfg, "max_examples", None)
+    log.info("benchmark %s: scoring %d of %d questions", name,
+             len(examples) if max_examples is None else min(max_examples, len(examples)), len(examples))
     result = evaluate_benchmark(model, tokenizer, examples,
                                 batch_size=int(getattr(eval_cfg, "batch_size", 16) or 16),
                                 max_examples=max_examples)
