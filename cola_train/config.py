@@ -42,6 +42,9 @@ class MethodConfig:
     dropout: float = 0.05
     target_modules: Optional[List[str]] = None  # None: the model's own list
     init: str = "lora"                         # lora (Kaiming A, zero B) | pissa
+    # PiSSA-style inits: how W's top-r part is found (adapters/init.py, docs/INIT.md)
+    svd: str = "lowrank"                       # lowrank (torch.svd_lowrank, seeded) | exact (torch.linalg.svd)
+    svd_niter: int = 16                        # lowrank's power iterations (the paper's PiSSA baseline: 16)
     use_dora: bool = False
     # CoLA
     strategy: str = "fully"                    # fully | random | heuristic
@@ -166,6 +169,7 @@ _CHOICES = {
     "method.kind": ("none", "peft", "cola", "hydralora", "mole", "chain"),
     "method.strategy": ("fully", "random", "heuristic"),
     "method.init": ("lora", "pissa"),
+    "method.svd": ("lowrank", "exact"),
     "method.impl": ("fused", "loop"),
     "method.pairing": ("paper", "code"),
     "data.template": ("chat", "plain"),
@@ -236,6 +240,8 @@ def validate(cfg) -> None:
             raise ConfigError(f"method.alpha={m.alpha} must be > 0")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"method.dropout={m.dropout} is outside [0, 1)")
+        if m.svd_niter < 0:
+            raise ConfigError(f"method.svd_niter={m.svd_niter} must be >= 0")
     e = cfg.eval
     if e.max_examples is not None and e.max_examples < 1:  # else select_subset fails after training
         raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 1 (or null: every question)")

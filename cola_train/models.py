@@ -107,6 +107,14 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def random_init_device() -> torch.device:
+    """Where model.random_init builds the model: this rank's GPU when there is one (run.py moves
+    the model there anyway), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def load_model(cfg: ModelConfig, dtype: torch.dtype | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -115,7 +123,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype | None = None):
         arch = dict(cfg.arch)
         model_type = arch.pop("model_type", cfg.family)
         config = AutoConfig.for_model(model_type, **arch)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # built where it will run, in its dtype: an 8B model initialised on the CPU in fp32 took
+        # minutes (and 32 GB) before it ever reached the GPU
+        with torch.device(random_init_device()):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         where, extra = _source(cfg)
         try:

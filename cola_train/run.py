@@ -86,7 +86,8 @@ def build_model(cfg, phases: Phases | None = None):
         log.info("fused model kernels: none (%s)", why)
     applied = kernels.apply(model, choice, distributed.zero_stage(cfg) == 3, list(targets))
     with phases("adapter init"):
-        model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets))  # chain: its base
+        model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets),  # chain: its base
+                                        seed=cfg.seed)
     mixed = any(_precision(cfg).values())
     if mixed and cfg.trainer.master_weights and not distributed.deepspeed_enabled(cfg):
         log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))

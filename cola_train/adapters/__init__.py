@@ -11,12 +11,16 @@ mole (MoLELinear). `chain` is a schedule around one of these (see commit_adapter
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..progress import bar
 from . import committed, fp32_path, gated_mlp, peft_methods, shared_qkv
+from . import init as inits
 from .cola_layer import CoLALinear, resample
 from .hydralora import HydraLoRALinear
 from .io import (adapter_info, export_peft, load_adapter, our_layers, require_info, save_adapter, set_info,
@@ -26,6 +30,7 @@ from .mole import MoLELinear, aux_loss, load_experts
 from .spec import AdapterError, match_targets, method_config, validate
 
 LAYERS = {"cola": CoLALinear, "hydralora": HydraLoRALinear, "mole": MoLELinear}
+log = logging.getLogger("cola_train.adapters")
 
 __all__ = [
     "AdapterError", "attach_adapter", "save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter",
@@ -35,12 +40,14 @@ __all__ = [
 
 
 def attach_adapter(model: nn.Module, method_cfg, default_targets: Optional[List[str]] = None,
-                   _loading: bool = False) -> nn.Module:
+                   _loading: bool = False, seed: int = 0) -> nn.Module:
     """Freeze the base and wrap the target nn.Linear modules (matched by name suffix, like PEFT).
 
     Returns a PeftModel for kind peft, the same model with our layers for cola/hydralora/mole, and
     the untouched (fully trainable) model for kind none. `_loading` skips the data-dependent init
-    (SVD, expert files): load_adapter fills the tensors from disk.
+    (SVD, expert files): load_adapter fills the tensors from disk. `seed` seeds the randomized
+    SVD of a PiSSA-style init (method.svd=lowrank; per layer, see init.layer_seed), so the same
+    seed rebuilds the same factors.
     """
     cfg = method_config(method_cfg)
     validate(cfg)
@@ -57,7 +64,10 @@ def attach_adapter(model: nn.Module, method_cfg, default_targets: Optional[List[
 
     names = match_targets(model, targets)
     if cfg.kind == "peft":
-        peft_model, record = peft_methods.attach(model, cfg, targets)
+        started = time.perf_counter()
+        peft_model, record = peft_methods.attach(model, cfg, targets, seed)
+        if cfg.init == "pissa":
+            _log_init_time(cfg, len(names), started)
         set_info(peft_model, {"method": cfg, "targets": targets, "peft": record})
         return peft_model
 
@@ -68,12 +78,16 @@ def attach_adapter(model: nn.Module, method_cfg, default_targets: Optional[List[
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = LAYERS[cfg.kind].from_config(getattr(parent, child), cfg)
+        layer.init_svd = inits.SVDChoice(cfg.svd, cfg.svd_niter, inits.layer_seed(seed, name))
         setattr(parent, child, layer)
         layers[name] = layer
     if not _loading:
         if cfg.init == "pissa":
-            for layer in layers.values():
+            started = time.perf_counter()
+            for layer in bar(layers.values(), desc=f"PiSSA init ({cfg.svd} SVD)", total=len(layers),
+                             unit="layer"):
                 layer.init_pissa()
+            _log_init_time(cfg, len(layers), started)
         if cfg.kind == "mole" and cfg.expert_paths:
             load_experts(layers, list(cfg.expert_paths))
     if cfg.kind == "mole" and cfg.freeze_experts:
@@ -85,6 +99,11 @@ def attach_adapter(model: nn.Module, method_cfg, default_targets: Optional[List[
         shared_qkv.install(model)  # CoLA's layers only (shared_input_forward)
     set_info(model, {"method": cfg, "targets": targets})
     return model
+
+
+def _log_init_time(cfg, n_layers: int, started: float) -> None:
+    svd = f"lowrank SVD, niter={cfg.svd_niter}" if cfg.svd == "lowrank" else "exact SVD"
+    log.info("%s init: %d layers, %s, %.1f s", cfg.init, n_layers, svd, time.perf_counter() - started)
 
 
 def _mergeable_layers(model: nn.Module, kind: str):

@@ -146,6 +146,9 @@ def load_adapter(base_model: nn.Module, directory: Union[str, os.PathLike], meth
     from . import attach_adapter  # the registry lives in __init__
 
     meta = read_meta(directory)
+    # saved before method.svd existed: made with the exact SVD and a float64 residual, which the
+    # reload must rebuild the same way
+    meta["method"].setdefault("svd", "exact")
     cfg = method_config({"pairing": PAIRING_BEFORE_RECORDED, **meta["method"]})
     validate(cfg)
     if method_cfg is not None:
@@ -164,20 +167,17 @@ def load_adapter(base_model: nn.Module, directory: Union[str, os.PathLike], meth
         return base_model
 
     if cfg.kind == "peft":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base_model, directory, is_trainable=True, autocast_adapter_dtype=False)
         record = {"init": {}, "commits": {}}
         path = os.path.join(directory, PEFT_RECORD)
-        if os.path.isfile(path):
-            tensors = load_file(path)
-            for name, coef in meta.get("init_coef", {}).items():
-                record["init"][name] = (tensors[f"init.{name}.A0"], tensors[f"init.{name}.B0"], coef)
-            for key in tensors:
-                if key.startswith("commit.") and key.endswith(".A"):
-                    name = key[len("commit."):-2]
-                    record["commits"][name] = (tensors[key], tensors[f"commit.{name}.B"])
-            peft_methods.apply_commits(model, record["commits"])
+        tensors = load_file(path) if os.path.isfile(path) else {}
+        for name, coef in meta.get("init_coef", {}).items():
+            record["init"][name] = (tensors[f"init.{name}.A0"], tensors[f"init.{name}.B0"], coef)
+        for key in tensors:
+            if key.startswith("commit.") and key.endswith(".A"):
+                name = key[len("commit."):-2]
+                record["commits"][name] = (tensors[key], tensors[f"commit.{name}.B"])
+        model = peft_methods.load(base_model, directory, record["init"])
+        peft_methods.apply_commits(model, record["commits"])
         set_info(model, {"method": cfg, "targets": list(meta["targets"]), "peft": record})
         return model
 

@@ -44,6 +44,9 @@ class AdapterLinear(nn.Module):
     custom_backward = True
     # the low-rank path in fp32 next to half-precision activations (fp32_path.enable)
     fp32_path = False
+    # how a PiSSA-style init finds W's top-r part and forms the residual (init.py); attach_adapter
+    # sets it per layer from method.svd / method.svd_niter and the run's seed
+    init_svd = inits.SVDChoice()
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
@@ -151,7 +154,7 @@ class AdapterLinear(nn.Module):
     # -- init --------------------------------------------------------------------------------
     def principal(self) -> Tuple[torch.Tensor, torch.Tensor]:
         with gather_params_ctx(self.base_layer.weight):
-            return inits.principal_factors(self.base_layer.weight, self.r, self.scaling)
+            return inits.principal_factors(self.base_layer.weight, self.r, self.scaling, self.init_svd)
 
     @torch.no_grad()
     def set_initial(self, A0: torch.Tensor, B0: torch.Tensor, coef: float) -> None:
@@ -162,7 +165,8 @@ class AdapterLinear(nn.Module):
         self.init_coef = float(coef)
         weight = self.base_layer.weight
         with gather_params_ctx(weight, modifier_rank=0):
-            weight.data.copy_(inits.residual(weight.data, self.A0, self.B0, self.init_coef))
+            weight.data.copy_(inits.residual(weight.data, self.A0, self.B0, self.init_coef,
+                                             self.init_svd.residual_dtype))
 
     # -- merge / unmerge / commit --------------------------------------------------------------
     @torch.no_grad()

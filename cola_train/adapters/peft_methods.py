@@ -17,12 +17,21 @@ import torch
 from torch import nn
 
 from . import committed
+from . import init as inits
 from .spec import AdapterError
 
 ADAPTER = "default"
 
 
-def attach(model: nn.Module, cfg, targets: List[str]):
+def init_lora_weights(cfg):
+    """PEFT's name for the init: PiSSA with the exact SVD ("pissa") or with torch.svd_lowrank and
+    method.svd_niter iterations ("pissa_niter_N", what LLaMA-Factory's --pissa_init runs)."""
+    if cfg.init != "pissa":
+        return True
+    return "pissa" if cfg.svd == "exact" else f"pissa_niter_{cfg.svd_niter}"
+
+
+def attach(model: nn.Module, cfg, targets: List[str], seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     lora_cfg = LoraConfig(
@@ -31,11 +40,45 @@ def attach(model: nn.Module, cfg, targets: List[str]):
         lora_dropout=cfg.dropout,
         target_modules=list(targets),
         use_dora=cfg.use_dora,
-        init_lora_weights="pissa" if cfg.init == "pissa" else True,
+        init_lora_weights=init_lora_weights(cfg),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora_cfg, autocast_adapter_dtype=False)
+    # pissa_niter draws its sketch from the global generators: seeded here, so the same seed gives
+    # the same factors, and forked, so the run's own random stream does not depend on the init
+    device = next(model.parameters()).device
+    with inits.seeded(seed, device):
+        peft_model = get_peft_model(model, lora_cfg, autocast_adapter_dtype=False)
     return peft_model, {"init": capture_init(peft_model) if cfg.init == "pissa" else {}, "commits": {}}
+
+
+def load(base_model: nn.Module, directory: str, init: Dict[str, tuple]):
+    """PeftModel.from_pretrained without PEFT's second PiSSA SVD: with `init` (the recorded initial
+    factors) the base weights get their residual from those factors, as attach made it, instead
+    of from a new SVD -- a randomized one (pissa_niter) on another device or generator state would
+    give another residual, and the loaded model would not be the trained one."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(directory)
+    pissa = str(getattr(config, "init_lora_weights", "")).lower().startswith("pissa")
+    if pissa and init:
+        config.init_lora_weights = True
+    model = PeftModel.from_pretrained(base_model, directory, is_trainable=True, config=config,
+                                      autocast_adapter_dtype=False)
+    if pissa and init:
+        residual_from_record(model, init)
+    return model
+
+
+@torch.no_grad()
+def residual_from_record(peft_model, init: Dict[str, tuple]) -> None:
+    """W <- W - coef * B0 @ A0 for every recorded layer, computed exactly as PEFT's pissa_init does
+    (float32, (coef * B) @ A), so the rebuilt base equals the one attach made, bit for bit."""
+    modules = dict(lora_layers(peft_model))
+    for name, (A0, B0, coef) in init.items():
+        weight = modules[name].get_base_layer().weight
+        w32 = weight.data.to(torch.float32)
+        A0, B0 = A0.to(w32.device, torch.float32), B0.to(w32.device, torch.float32)
+        weight.data = (w32 - coef * B0 @ A0).to(weight.dtype)
 
 
 def lora_layers(peft_model) -> Iterator[Tuple[str, nn.Module]]:

@@ -17,6 +17,7 @@ STRATEGIES = ("fully", "random", "heuristic")
 INITS = ("lora", "pissa")
 IMPLS = ("fused", "loop")
 PAIRINGS = ("paper", "code")   # pairing.RULES: the heuristic strategy's two definitions
+SVDS = ("lowrank", "exact")
 
 
 class AdapterError(ValueError):
@@ -66,6 +67,10 @@ def validate(cfg: MethodConfig) -> None:
         raise AdapterError(f"method.dropout must be in [0, 1), got {cfg.dropout!r}")
     if cfg.init not in INITS:
         raise AdapterError(f"unknown method.init {cfg.init!r} (expected one of {', '.join(INITS)})")
+    if cfg.svd not in SVDS:
+        raise AdapterError(f"unknown method.svd {cfg.svd!r} (expected one of {', '.join(SVDS)})")
+    if not isinstance(cfg.svd_niter, int) or cfg.svd_niter < 0:
+        raise AdapterError(f"method.svd_niter must be an integer >= 0, got {cfg.svd_niter!r}")
     if cfg.impl not in IMPLS:
         raise AdapterError(f"unknown method.impl {cfg.impl!r} (expected one of {', '.join(IMPLS)})")
     for field in ("num_A", "num_B"):

@@ -6,6 +6,12 @@ is the response's only.
 """
 from __future__ import annotations
 
+import logging
+import time
+
+from ..progress import bar
+
+log = logging.getLogger("cola_train.data")
 IGNORE = -100
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
@@ -47,5 +53,10 @@ def encode(tokenizer, rec: dict, template: str, cutoff_len: int) -> dict:
 def tokenize_records(records: list[dict], tokenizer, template: str, cutoff_len: int):
     from datasets import Dataset
 
-    rows = [encode(tokenizer, r, template, cutoff_len) for r in records]
+    started = time.perf_counter()
+    rows = [encode(tokenizer, r, template, cutoff_len)
+            for r in bar(records, desc="tokenize", total=len(records), unit="record")]
+    if len(records) >= 1000:  # a pool of 15k Dolly records takes a while: say what it did
+        log.info("tokenized %d records (%d tokens) in %.1f s", len(rows),
+                 sum(len(r["input_ids"]) for r in rows), time.perf_counter() - started)
     return Dataset.from_list(rows)

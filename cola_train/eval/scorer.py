@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ..progress import bar
 from .benchmarks import LETTERS, EvalDataError
 
 log = logging.getLogger("cola_train.eval")
@@ -164,7 +165,8 @@ def letter_logits(model, tokenizer, examples: list[dict], batch_size: int = 16,
     prefix, ids = letter_tokens(tokenizer, n_letters, chat_template)
     max_length = max_length or _max_length(model, tokenizer)
     encoded, truncated = [], 0
-    for ex in examples:
+    for ex in bar(examples, desc="benchmark prompts", total=len(examples), unit="prompt",
+                  enabled=progress):
         seq = prompt_ids(tokenizer, build_prompt(ex), chat_template) + prefix
         if max_length and len(seq) > max_length:
             seq, truncated = seq[-max_length:], truncated + 1
@@ -199,13 +201,7 @@ def batched_logits(model, tokenizer, encoded: list[list[int]], batch_size: int, 
     accepted = _forward_kwargs(model)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if progress is None:
-        progress = len(batches) >= 20
-    try:
-        from tqdm.auto import tqdm
-        batch_iter = tqdm(batches, desc=desc, unit="batch", disable=not progress)
-    except ImportError:  # pragma: no cover
-        batch_iter = batches
+    batch_iter = bar(batches, desc=desc, unit="batch", enabled=progress)
 
     was_training = model.training
     model.eval()
