@@ -166,6 +166,7 @@ def main(argv=None) -> int:
         built = build_checkpoint(args.shape, args.ckpt)
         print(f"checkpoint built and saved in {built:.1f} s", flush=True)
     rows = []
+    out = args.out or args.runs / "bench_run.json"
     for method in methods:
         print(f"{method} ...", flush=True)
         row = run_method(method, args, extra, args.runs)
@@ -174,9 +175,9 @@ def main(argv=None) -> int:
         print(f"{method}: {row.get('status')} (rc {row['rc']}), first step after "
               f"{_f(t.get('time_to_first_step_s'))} s, {_f(t.get('steady_tokens_per_s'), '.0f')} tok/s, "
               f"wall {row['wall_s']:.0f} s", flush=True)
-    out = args.out or args.runs / "bench_run.json"
-    out.write_text(json.dumps({"shape": args.shape, "extra": extra, "checkpoint_build_s": built,
-                               "rows": rows}, indent=2))
+        # after every row: a run cut short by a time limit keeps the rows it finished
+        out.write_text(json.dumps({"shape": args.shape, "extra": extra, "checkpoint_build_s": built,
+                                   "rows": rows}, indent=2))
     print(table(rows))
     return 0 if all(r.get("status") == "completed" for r in rows) else 1
 
