@@ -52,15 +52,39 @@ def choose(kernels: str, family: str, cuda: bool) -> tuple[str, str]:
     return "none", problem
 
 
+# transformers' own Llama pieces, as first seen: Liger's `model=` path still swaps the module's
+# classes (LlamaMLP, LlamaRMSNorm) and its RoPE function for the whole process
+_ORIGINAL: dict = {}
+
+
+def _llama_module():
+    from transformers.models.llama import modeling_llama
+
+    if not _ORIGINAL:
+        _ORIGINAL.update({k: getattr(modeling_llama, k) for k in ("LlamaMLP", "LlamaRMSNorm", "apply_rotary_pos_emb")})
+    return modeling_llama
+
+
 def apply(model, choice: str, zero3: bool, targets: list[str]) -> dict:
-    """Patch the (un-adapted) base model in place; returns what was applied, for results.json."""
+    """Patch the (un-adapted) base model in place; returns what was applied, for results.json.
+
+    Only this model changes: the classes Liger swaps in transformers' Llama module are put back
+    at once, so a later model of the same process (the next job of an in-process sweep) is built
+    from transformers' own classes, and our gated MLP path still recognises its MLPs. RoPE is a
+    module-level function Liger's attention forward reads at call time: it stays Liger's while a
+    liger run is in the process, and `none` puts transformers' back."""
     if choice != "liger":
+        if _ORIGINAL:
+            _llama_module().apply_rotary_pos_emb = _ORIGINAL["apply_rotary_pos_emb"]
         return {"name": "none"}
     from liger_kernel.transformers import apply_liger_kernel_to_llama
 
+    modeling_llama = _llama_module()
     flce = not zero3 and "lm_head" not in targets
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=flce, model=model)
+    modeling_llama.LlamaMLP = _ORIGINAL["LlamaMLP"]
+    modeling_llama.LlamaRMSNorm = _ORIGINAL["LlamaRMSNorm"]
     applied = {"name": "liger", "rms_norm": True, "rope": True, "swiglu": True,
                "fused_linear_cross_entropy": flce}
     log.info("liger kernels: RMSNorm, RoPE, SwiGLU%s", ", fused linear cross-entropy" if flce

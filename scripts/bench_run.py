@@ -109,6 +109,11 @@ def link_medians(row: dict) -> list[float]:
     return out
 
 
+def _phase(timings: dict, prefix: str):
+    """A phase's seconds by the start of its name ("model load (llama3_1_8b)")."""
+    return next((v for k, v in timings.items() if k.startswith(prefix) and isinstance(v, (int, float))), None)
+
+
 def table(rows: list[dict]) -> str:
     head = ["method", "status", "to 1st step s", "load s", "adapter init s", "data s", "trainer set-up s",
             "train() to 1st step s", "steady tok/s", "step ms", "MFU", "peak GiB", "ckpt save s", "ckpt MiB",
@@ -124,8 +129,8 @@ def table(rows: list[dict]) -> str:
         if medians:
             method += " (link step ms: " + ", ".join(f"{m * 1e3:.0f}" for m in medians) + ")"
         lines.append("| " + " | ".join([
-            method, str(r.get("status")), _f(t.get("time_to_first_step_s")), _f(t.get("model load")),
-            _f(t.get("adapter init")), _f(t.get("data load and tokenization")), _f(t.get("trainer set-up")),
+            method, str(r.get("status")), _f(t.get("time_to_first_step_s")), _f(_phase(t, "model load")),
+            _f(t.get("adapter init")), _f(_phase(t, "data ")), _f(t.get("trainer set-up")),
             _f(t.get("train_call_to_first_step_s")), _f(t.get("steady_tokens_per_s"), ".0f"),
             _f(None if t.get("step_s_median") is None else t["step_s_median"] * 1e3, ".0f"),
             _f(t.get("mfu"), ".3f"), _f(t.get("peak_gib")), _f(last.get("seconds")),

@@ -57,6 +57,39 @@ def test_cli_bad_kernels_value_is_one_line(tmp_path, args, pattern):
     assert any(re.search(pattern, line) for line in proc.stderr.splitlines()), proc.stderr[-2000:]
 
 
+def test_liger_leaves_transformers_llama_classes_as_they_were(monkeypatch):
+    """Liger's model= path swaps LlamaMLP / LlamaRMSNorm in transformers' module for the whole
+    process; apply() puts them back, so the next model (an in-process sweep's next job) is built
+    from transformers' own classes and our gated MLP path still takes its MLPs. A stand-in for
+    liger_kernel does what Liger 0.8.5's apply_liger_kernel_to_llama does to the module."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    before = {k: getattr(modeling_llama, k) for k in ("LlamaMLP", "LlamaRMSNorm", "apply_rotary_pos_emb")}
+    fake_rope = object()
+
+    def fake_apply(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, model):
+        modeling_llama.LlamaMLP, modeling_llama.LlamaRMSNorm = type("LigerSwiGLUMLP", (), {}), type("LigerRMSNorm", (), {})
+        modeling_llama.apply_rotary_pos_emb = fake_rope
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_llama = fake_apply
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    try:
+        kernels.apply(torch.nn.Linear(2, 2), "liger", zero3=False, targets=[])
+        assert modeling_llama.LlamaMLP is before["LlamaMLP"]
+        assert modeling_llama.LlamaRMSNorm is before["LlamaRMSNorm"]
+        assert modeling_llama.apply_rotary_pos_emb is fake_rope   # read at call time by the patched model
+        kernels.apply(torch.nn.Linear(2, 2), "none", zero3=False, targets=[])
+        assert modeling_llama.apply_rotary_pos_emb is before["apply_rotary_pos_emb"]
+    finally:
+        for k, v in before.items():
+            setattr(modeling_llama, k, v)
+
+
 def _tiny_llama(seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
