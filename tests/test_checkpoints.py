@@ -65,7 +65,7 @@ def test_a_cola_checkpoint_holds_the_adapter_and_no_base_weight(cola_run):
                 names.add(key)
                 t = f.get_tensor(key)
                 data_bytes += t.numel() * t.element_size()
-    _, model = build_model(compose(COLA))  # the reference: what this model's adapter consists of
+    _, model, _ = build_model(compose(COLA))  # the reference: what this model's adapter consists of
     base = {n for n, _ in model.named_parameters() if "lora_" not in n}
     adapter = {}
     for name, layer in our_layers(model).items():
@@ -196,7 +196,7 @@ def test_slim_save_then_load_restores_every_adapter_tensor(method, tmp_path):
 
     cfg = compose(TINY + [f"method={method}"])
     set_seed(0)
-    _, trained = build_model(cfg)
+    _, trained, _ = build_model(cfg)
     with torch.no_grad():  # "training": every adapter tensor moves, frozen ones included
         for name, t in list(trained.named_parameters()) + list(trained.named_buffers()):
             if "base_layer" not in name and t is not None and t.is_floating_point() and (
@@ -204,7 +204,7 @@ def test_slim_save_then_load_restores_every_adapter_tensor(method, tmp_path):
                 t.add_(torch.randn_like(t) * 0.01)
     save_slim(trained, tmp_path)
     set_seed(0)
-    _, fresh = build_model(cfg)
+    _, fresh, _ = build_model(cfg)
     want = trained.state_dict()
     moved = {k for k, v in fresh.state_dict().items() if not torch.equal(v, want[k])}
     assert any("lora_A" in k for k in moved) and any("lora_B" in k for k in moved)
