@@ -11,6 +11,11 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
+def hydra_quote(value: str) -> str:
+    """A path as a Hydra override value: quoted, so '=' ',' or spaces in it stay part of it."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def compose(overrides: list[str], return_hydra_config: bool = False):
     """The composed job config (no `hydra` node) for these task overrides; with
     `return_hydra_config`, also the `hydra` node (run and sweep dirs, unresolved `${now:}`), and

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from .compose import hydra_quote  # stdlib-only at module level
 from . import preemption  # Ctrl-C: checkpoint, "interrupted", exit 130 (stdlib only)
 
 log = logging.getLogger("cola_train")
@@ -430,10 +431,6 @@ def should_spawn(cfg) -> bool:
     return cfg.trainer.devices > 1 and not is_rank()
 
 
-def _hydra_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def _torchrun_prefix() -> list[str]:
     """`python -m torch.distributed.run`, or the same with the preemption signal ignored by the
     agent when under SLURM (the ranks handle it; the agent would otherwise die of it)."""
@@ -452,7 +449,7 @@ def launch_local_ranks(cfg, out: Path, overrides: list[str], sweeping: bool):
     n = cfg.trainer.devices
     cmd = [*_torchrun_prefix(), "--standalone", "--nnodes=1", f"--nproc-per-node={n}",
            "-m", "cola_train", *overrides,
-           f"hydra.run.dir={_hydra_quote(str(out))}", "hydra.output_subdir=null"]
+           f"hydra.run.dir={hydra_quote(str(out))}", "hydra.output_subdir=null"]
     env = {**os.environ, _SPAWNED: "1"}
     if env.pop(_SELF_RANK, None):
         for k in _RANK_VARS:
@@ -494,12 +491,9 @@ def launch_local_ranks(cfg, out: Path, overrides: list[str], sweeping: bool):
 
 
 def _read_results(out: Path) -> dict:
-    import json
+    from .results import read_results
 
-    try:
-        return json.loads((out / "results.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_results(out)
 
 
 def agree_on_output_dir(out: Path, pinned: bool) -> Path:

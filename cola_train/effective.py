@@ -32,16 +32,17 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _under(key: str, names: tuple[str, ...]) -> bool:
+def under(key: str, names: tuple[str, ...]) -> bool:
+    """key is one of `names` or below one (logger.mode is under logger)."""
     return any(key == n or key.startswith(n + ".") for n in names)
 
 
 def effective_config(config: dict, n_train_samples: int | None) -> dict[str, object]:
     """The flattened config that says what a job trains. With the count unknown (None) the size
     knobs stay in, so two jobs are only taken for one run when they are one."""
-    flat = {k: v for k, v in flatten(config).items() if not _under(k, BOOKKEEPING)}
+    flat = {k: v for k, v in flatten(config).items() if not under(k, BOOKKEEPING)}
     if n_train_samples is not None:
-        flat = {k: v for k, v in flat.items() if not _under(k, SIZE_KEYS)}
+        flat = {k: v for k, v in flat.items() if not under(k, SIZE_KEYS)}
         flat["n_train_samples"] = n_train_samples
     return flat
 

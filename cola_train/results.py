@@ -39,11 +39,17 @@ def append_jsonl(path: str | Path, row: dict) -> None:
         f.write(json.dumps(_clean(row), default=str) + "\n")
 
 
-def completed_results(out: str | Path) -> dict | None:
-    """The run's results.json if it says the run completed, else None (absent, unreadable,
-    preempted, failed): what a re-run with trainer.resume=true may leave as it is."""
+def read_results(out: str | Path) -> dict:
+    """The run dir's results.json, or {} when it is absent, unreadable or not an object."""
     try:
         results = json.loads((Path(out) / "results.json").read_text())
     except (OSError, ValueError):
-        return None
-    return results if isinstance(results, dict) and results.get("status") == "completed" else None
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
+def completed_results(out: str | Path) -> dict | None:
+    """The run's results.json if it says the run completed, else None (absent, unreadable,
+    preempted, failed): what a re-run with trainer.resume=true may leave as it is."""
+    results = read_results(out)
+    return results if results.get("status") == "completed" else None

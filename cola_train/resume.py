@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from .compose import hydra_quote  # stdlib-only at module level
+
 MODES = ("false", "true", "force")
 SAVED = "config.trained.yaml"
 
@@ -80,11 +82,9 @@ def trained_before(out: Path) -> bool:
 
 
 def _results(out: Path) -> dict:
-    try:
-        doc = json.loads((Path(out) / "results.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    from .results import read_results
+
+    return read_results(out)
 
 
 def saved_config(out: Path) -> dict | None:
@@ -132,7 +132,9 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 def _resume_only(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUME_ONLY)
+    from .effective import under
+
+    return under(key, RESUME_ONLY)
 
 
 _ABSENT = "(absent)"
@@ -249,10 +251,6 @@ def _swept(arg: str) -> bool:
     return value.startswith(("range(", "choice(", "glob(", "interval("))
 
 
-def _quote(path: str) -> str:
-    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -299,7 +297,7 @@ def before_hydra(argv: list[str]) -> list[str]:
                   "out to start a new run")
         out = out.resolve()
         print(f"trainer.resume={wanted}: continuing {out}, the newest run with this config", flush=True)
-        argv = [*argv, f"hydra.run.dir={_quote(str(out))}"]
+        argv = [*argv, f"hydra.run.dir={hydra_quote(str(out))}"]
     from .config import ConfigError
 
     try:
