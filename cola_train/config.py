@@ -108,6 +108,9 @@ class TrainerConfig:
     fp32_adapter_path: bool = False            # bf16/fp16: the adapters' low-rank path in fp32 (fp32_path.py)
     compile: bool = False                      # torch.compile each transformer block (regional_compile.py)
     kernels: str = "auto"                      # auto | liger | none: fused model kernels under the adapters (kernels.py)
+    # round each batch's padded length up (collate.py): auto = 64 on a CUDA device, none on a CPU
+    pad_to_multiple_of: Any = "auto"
+    profile_steps: int = 0                     # >0: torch profiler over that many steps (profiling.py, profile.txt)
     logging_steps: int = 10
     eval_steps: int = 0                        # 0: evaluate at the end only
     save_steps: int = 0                        # 0: save at the end only
@@ -220,6 +223,11 @@ def validate(cfg) -> None:
             raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 1")
     if t.lr <= 0:
         raise ConfigError(f"trainer.lr={t.lr} must be > 0")
+    pad = t.pad_to_multiple_of
+    if pad != "auto" and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise ConfigError(f"trainer.pad_to_multiple_of={pad!r} must be auto or an integer >= 1")
+    if t.profile_steps < 0:
+        raise ConfigError(f"trainer.profile_steps={t.profile_steps} must be >= 0 (0: no profile)")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError(f"trainer.epochs={t.epochs} must be > 0 when trainer.max_steps <= 0")
     if t.fp32_adapter_path and (not t.master_weights or cfg.deepspeed.name != "none"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, checks, distributed, kernels, resume as resuming
+from . import adapters, chain, checks, collate, distributed, kernels, profiling, resume as resuming
 from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
@@ -142,7 +142,7 @@ def _benchmark_after_training(cfg, model, tokenizer, bench_before: dict | None) 
 
 
 def run(cfg, out: Path) -> dict:
-    from transformers import DataCollatorForSeq2Seq, set_seed
+    from transformers import set_seed
 
     from .eval.scoring import check_tokenizer
     from .run_totals import RunTotals
@@ -172,13 +172,15 @@ def run(cfg, out: Path) -> dict:
     no_gradient = [] if distributed.deepspeed_enabled(cfg) else [StopWithoutGradient()]
     totals = RunTotals(EnergyMeter(), tokens_so_far=lambda: trainer.trained_tokens)  # trainer: next line
     timer = StepTimer(phases, tokens_so_far=lambda: trainer.trained_tokens)
+    step_profiler = profiling.profiler(cfg, out)  # trainer.profile_steps: where a step's time goes
     with phases("trainer set-up"):
         trainer = ColaTrainer(
             model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            data_collator=collate.collator(tokenizer, cfg.trainer.pad_to_multiple_of),
             # totals before the marker: a checkpoint marked complete holds the run's totals so far
             callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
-                       StopOnNonFiniteLoss(), *no_gradient, totals, timer, CheckpointCompleteMarker(), preemption],
+                       StopOnNonFiniteLoss(), *no_gradient, totals, timer, *filter(None, [step_profiler]),
+                       CheckpointCompleteMarker(), preemption],
         )
     schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
     results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True), "kernels": applied_kernels,
@@ -237,6 +239,8 @@ def run(cfg, out: Path) -> dict:
     per_sequence = args.per_device_train_batch_size * args.gradient_accumulation_steps
     results["timings"] = {**{k: round(v, 3) for k, v in phases.seconds.items()},
                           **timer.summary(seq_len=_mean_sequence(timer, per_sequence))}
+    if step_profiler is not None:
+        results["profile"] = step_profiler.summary  # None: the run ended before the profiled steps
     if trainer.is_world_process_zero():
         results["status"] = "completed"
         if (results["benchmark"] or {}).get("error"):

@@ -41,7 +41,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cola_train import adapters  # noqa: E402
+from cola_train import adapters, kernels  # noqa: E402
 from cola_train.adapters import AdapterLinear, CoLALinear, gated_act, gated_mlp, shared_qkv  # noqa: E402
 from cola_train.config import MethodConfig  # noqa: E402
 from cola_train.models import DEFAULT_TARGETS, upcast_trainable  # noqa: E402
@@ -97,6 +97,12 @@ VARIANTS = {
                                                                      "dropout": 0.05}),
     "CoLA heuristic fused, dropout 0.05": MethodConfig(name="cola_heuristic", strategy="heuristic",
                                                        impl="fused", **{**COLA, "dropout": 0.05}),
+    # what a run gets from the YAMLs without overrides: dropout 0.05 and fp32 master weights
+    "ours LoRA (m=n=1), config defaults: dropout 0.05, fp32 master weights": MethodConfig(
+        name="lora1", **{**COLA, "num_A": 1, "num_B": 1, "dropout": 0.05}),
+    **{f"CoLA {s} fused, config defaults: dropout 0.05, fp32 master weights": MethodConfig(
+        name=f"cola_{s}", strategy=s, impl="fused", **{**COLA, "dropout": 0.05})
+       for s in ("fully", "random", "heuristic")},
     # session 11's changes undone: the gated activation as torch ops (not gated_act's Triton kernels),
     # q, k, v and gate, up each with its own GEMMs (not one SharedInputLowRank per shared input)
     "ours LoRA (m=n=1), torch gated act, projections apart": MethodConfig(name="lora1", **{**COLA, "num_A": 1,
@@ -366,6 +372,10 @@ def main(argv=None):
                          "used foreach)")
     ap.add_argument("--compile", action="store_true",
                     help="regional torch.compile: each decoder layer compiled, for every variant and the floor")
+    ap.add_argument("--kernels", choices=["none", "liger"], default="none",
+                    help="the base model's kernels for every variant and the floor (cola_train/kernels.py): "
+                         "liger = liger-kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy, "
+                         "what trainer.kernels=auto runs on a GPU")
     ap.add_argument("--out", type=Path, default=Path("bench_throughput.json"))
     args = ap.parse_args(argv)
 
@@ -387,6 +397,7 @@ def main(argv=None):
         args.batch, args.seq, args.reps, args.warmup = 2, 64, 3, 1
     torch.manual_seed(0)
     base = build_base(shape, device, dtype)
+    applied_kernels = kernels.apply(base, args.kernels, zero3=False, targets=DEFAULT_TARGETS["llama"])
     n_params = sum(p.numel() for p in base.parameters())
     peak = matmul_peak_tflops(device, dtype)
     targets = DEFAULT_TARGETS["llama"]
@@ -394,7 +405,7 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {shape} ({n_params/1e9:.2f} B params, {dtype}) on {gpu}; batch {args.batch}x{args.seq}; "
           f"r=8, num_A=2, num_B=3, targets={','.join(targets)}; matmul peak {peak:.0f} TFLOP/s"
-          f"{'; decoder layers compiled' if args.compile else ''}", flush=True)
+          f"{'; decoder layers compiled' if args.compile else ''}; kernels {applied_kernels['name']}", flush=True)
 
     best, rounds = {}, {}
     for rnd in range(args.rounds):
@@ -430,7 +441,7 @@ def main(argv=None):
         print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {x:.3f} | "
               f"{r['peak_gib']:.1f} | {r['mfu']:.1%} | {r['trainable']:,} | {spread} | {norm} | {r['ops']} |")
     args.out.write_text(json.dumps({"shape": shape, "device": gpu, "batch": [args.batch, args.seq],
-                                    "compile": args.compile,
+                                    "compile": args.compile, "kernels": applied_kernels,
                                     "peak_tflops": peak, "params": n_params, "rows": rows}, indent=2))
     return rows
 
