@@ -6,7 +6,8 @@ loader). The benchmark scripts time a step built outside the Trainer; this profi
 (our adapters, the Trainer's optimizer step, gradient clipping, logging) and writes:
 - `profile.txt`: the ops' table sorted by device time (CPU time where there is no GPU);
 - results.json "profile": the profiled steps' wall seconds, the device's busy seconds (the sum of
-  kernel self times) and their ratio, `device_busy` - far below 1 means the run is host-bound.
+  kernel self times) and their ratio, `device_busy` - far below 1 means the run is host-bound -
+  and the NCCL kernels' share of the busy time (`collectives_share`, multi-GPU runs).
 The first `warm` steps are skipped (allocator, autotuning, lazy init), as in phases.StepTimer.
 """
 from __future__ import annotations
@@ -56,6 +57,9 @@ class StepProfiler(TrainerCallback):
         averages = prof.key_averages()
         on_device = torch.cuda.is_available()
         busy_us = sum(getattr(e, "self_device_time_total", 0) for e in averages) if on_device else None
+        # NCCL's kernels (all-reduce, all-gather, reduce-scatter): the collectives' share of the busy time
+        nccl_us = (sum(getattr(e, "self_device_time_total", 0) for e in averages if "nccl" in e.key.lower())
+                   if on_device else None)
         sort_by = "self_device_time_total" if on_device else "self_cpu_time_total"
         steps = state.global_step - self._start_step
         self.summary = {
@@ -63,6 +67,8 @@ class StepProfiler(TrainerCallback):
             "step_ms": round(wall / steps * 1e3, 2),
             "device_busy_s": None if busy_us is None else round(busy_us / 1e6, 4),
             "device_busy": None if busy_us is None else round(busy_us / 1e6 / wall, 4),
+            "collectives_s": None if nccl_us is None else round(nccl_us / 1e6, 4),
+            "collectives_share": None if not busy_us else round(nccl_us / busy_us, 4),
             "ops": sum(e.count for e in averages if e.key.startswith("aten::")),
             "table": "profile.txt",
         }
