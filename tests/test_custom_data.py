@@ -140,6 +140,9 @@ def test_records_past_cutoff_are_truncated_or_dropped_and_counted(caplog):
         dropped = tokenize_records([short, long, long], tok, "chat", 32, too_long="drop")
     assert [len(r) for r in dropped["input_ids"]] == [12]
     assert "2 of 3 records are longer than data.cutoff_len=32 tokens: dropped (data.too_long=drop)" in caplog.text
+    with pytest.raises(DataError, match=r"^data: none of 2 records is left to train or validate on "
+                                        r"\(data.cutoff_len=32, data.too_long=drop\)$"):
+        tokenize_records([long, long], tok, "chat", 32, too_long="drop")
 
 
 def test_a_chat_whose_answers_are_all_past_cutoff_is_dropped(caplog):
@@ -220,14 +223,17 @@ def test_data_custom_evaluates_only_when_a_benchmark_is_named():
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["data.path=/nonexistent/my.jsonl"], r"^error: data.path=/nonexistent/my.jsonl does not exist "),
-    ([], r"^error: data=custom needs data.path=FILE_OR_FOLDER"),
-    (["data.format=csv", "data.path=x"], r"^error: data.format='csv' is not one of auto, alpaca, sharegpt, messages, text$"),
-    (["data.too_long=cut", "data.path=x"], r"^error: data.too_long='cut' is not one of truncate, drop$"),
+    (["data=custom", "data.path=/nonexistent/my.jsonl"], r"^error: data.path=/nonexistent/my.jsonl does not exist "),
+    (["data=custom"], r"^error: data=custom needs data.path=FILE_OR_FOLDER"),
+    (["data=custom", "data.format=csv", "data.path=x"],
+     r"^error: data.format='csv' is not one of auto, alpaca, sharegpt, messages, text$"),
+    (["data=custom", "data.too_long=cut", "data.path=x"], r"^error: data.too_long='cut' is not one of truncate, drop$"),
+    (["data=math", "data.path=my.jsonl"],
+     r"^error: data.path=my.jsonl and data.sources \(gsm8k\) are both set: own data goes with data=custom$"),
 ])
 def test_bad_path_or_key_fails_before_hydra_makes_a_run_dir(tmp_path, args, pattern):
     run_dir = tmp_path / "run"
-    proc = run_cli(["model=tiny_llama", "data=custom", *args, f"hydra.run.dir={run_dir}"])
+    proc = run_cli(["model=tiny_llama", *args, f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
