@@ -17,9 +17,9 @@ def _logged(run_dir, key="loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-def _run(tmp_path, logger: str):
+def _run(tmp_path, logger: str, args: list[str] = ARGS):
     run_dir = tmp_path / "run"
-    proc = run_cli(ARGS + [f"logger={logger}", f"hydra.run.dir={run_dir}"])
+    proc = run_cli(args + [f"logger={logger}", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, json.loads((run_dir / "results.json").read_text())
 
@@ -75,7 +75,11 @@ def test_missing_logger_package_is_one_line(monkeypatch):
 
 @pytest.mark.gpu
 def test_peak_gpu_memory_in_results_and_every_logged_step(tmp_path):
-    run_dir, results = _run(tmp_path, "tensorboard")
+    # own data, so that the GPU machine needs no data root
+    rows = [{"text": f"{i} plus {i} is {2 * i}."} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [a for a in ARGS if not a.startswith("data=")] + ["data=custom", f"data.path={tmp_path / 'd.jsonl'}"]
+    run_dir, results = _run(tmp_path, "tensorboard", args)
     peaks = _logged(run_dir, "peak_gpu_memory_gib")
     assert len(peaks) == 4 and all(p > 0 for p in peaks.values())
     assert results["timings"]["peak_gib"] == pytest.approx(max(peaks.values()), abs=1e-3)
