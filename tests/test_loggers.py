@@ -73,6 +73,34 @@ def test_missing_logger_package_is_one_line(monkeypatch):
     logger_importable(compose(["logger=tensorboard"]))  # installed: no error
 
 
+def test_peak_memory_reaches_every_logger_before_it_writes(monkeypatch):
+    """PeakMemoryLog adds the key to the logs dict ahead of the Trainer's integrations (first in
+    its callback list), so TensorBoard / MLflow / W&B and metrics.jsonl all get it. The CUDA
+    counter is faked here; the real one is checked by the gpu test below."""
+    import torch
+    from transformers import TrainerControl, TrainerState
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+    from cola_train.loggers import PEAK_KEY, PeakMemoryLog, attach
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    seen = {}
+
+    class Writer:  # stands for an integration callback, added before ours as the Trainer does
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.update(logs)
+
+    class FakeTrainer:
+        callback_handler = CallbackHandler([DefaultFlowCallback(), Writer()], None, None, None, None)
+
+    trainer = FakeTrainer()
+    attach(trainer, ["tensorboard"])
+    assert isinstance(trainer.callback_handler.callbacks[0], PeakMemoryLog)
+    trainer.callback_handler.on_log(None, TrainerState(), TrainerControl(), {"loss": 1.0})
+    assert seen == {"loss": 1.0, PEAK_KEY: 3.0}
+
+
 @pytest.mark.gpu
 def test_peak_gpu_memory_in_results_and_every_logged_step(tmp_path):
     # own data, so that the GPU machine needs no data root
