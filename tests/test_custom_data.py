@@ -59,6 +59,13 @@ def test_each_format_is_detected_and_read(tmp_path):
     assert recs[3]["messages"] == CHAT and recs[4]["text"] == text["text"]
 
 
+def test_jsonl_records_split_on_newlines_only(tmp_path):
+    path = tmp_path / "x.jsonl"  # U+2028 inside a string is not a line break of JSON lines; CRLF is
+    path.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\r\n" + json.dumps({"text": "c"}) + "\n")
+    assert [(r["text"], r["where"]) for r in load_domain_records(_cfg(path))] == [("a\u2028b", f"{path}:1"),
+                                                                                 ("c", f"{path}:2")]
+
+
 def test_format_can_be_forced(tmp_path):
     path = _jsonl(tmp_path / "x.jsonl", [{"text": "abc", "output": "ignored"}])
     assert load_domain_records(_cfg(path, format="text"))[0]["text"] == "abc"

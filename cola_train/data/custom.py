@@ -93,7 +93,7 @@ def _rows(path: Path):
     if text[start:start + 1] == "[":
         yield from _json_list(path, text, start + 1)
         return
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
         if line.strip():
             try:
                 yield number, json.loads(line)
