@@ -52,6 +52,9 @@ def check_values(argv: list[str]) -> None:
         return
     try:
         validate(cfg)
+        from .data.custom import check_config
+
+        check_config(cfg.data)  # data=custom: data.path is a file or a folder of them
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -66,6 +69,7 @@ def before_model(cfg) -> None:
     data_present(cfg.data)
     benchmark_present(cfg)
     deepspeed_importable(cfg)
+    logger_importable(cfg)
     ranks_fit_config(cfg)
 
 
@@ -76,6 +80,10 @@ def data_present(data_cfg) -> None:
     from .data import DataError
     from .data.sources import data_root, hub_offline, local_file, missing_message
 
+    if getattr(data_cfg, "path", None) or data_cfg.domain == "custom":  # own data (data/custom.py)
+        from .data.custom import check_config
+
+        return check_config(data_cfg)
     if not data_cfg.sources:
         raise DataError(f"data.domain={data_cfg.domain!r} lists no sources")
     root = data_root(data_cfg)
@@ -154,6 +162,17 @@ def deepspeed_importable(cfg) -> None:
     except ImportError as err:
         raise ConfigError(f"deepspeed={name} needs the deepspeed package: pip install 'cola_train[train]' "
                           f"(import deepspeed: {str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+def logger_importable(cfg) -> None:
+    """logger=wandb|tensorboard|mlflow needs its package (cola_train/loggers.py): one line here
+    instead of the Trainer's RuntimeError once the model is loaded."""
+    import importlib.util
+
+    name, disabled = cfg.logger.name, cfg.logger.name == "wandb" and cfg.logger.mode == "disabled"
+    if name in ("wandb", "tensorboard", "mlflow") and not disabled and importlib.util.find_spec(name) is None:
+        package = "mlflow-skinny" if name == "mlflow" else name
+        raise ConfigError(f"logger={name} needs the {package} package: pip install 'cola_train[loggers]' (or logger=none)")
 
 
 # ----------------------------------------------------------------------------------------------

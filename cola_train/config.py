@@ -87,6 +87,11 @@ class DataConfig:
     max_val_samples: int = 200
     cutoff_len: int = 1024
     template: str = "chat"                     # chat (model's template, fallback plain) | plain
+    # own data (data=custom, data/custom.py, docs/DATA.md)
+    path: Optional[str] = None                 # a .json / .jsonl file or a folder of them
+    format: str = "auto"                       # auto | alpaca | sharegpt | messages | text
+    skip_bad_rows: bool = False                # skip (and count) bad records instead of stopping
+    too_long: str = "truncate"                 # records past cutoff_len: truncate | drop (counted)
 
 
 @dataclass
@@ -122,7 +127,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"                         # wandb | none
+    name: str = "none"                         # wandb | tensorboard | mlflow | none (loggers.py)
     mode: str = "offline"                      # online | offline | disabled
     project: str = "cola_train"
     entity: Optional[str] = None
@@ -176,9 +181,11 @@ _CHOICES = {
     "method.impl": ("fused", "loop"),
     "method.pairing": ("paper", "code"),
     "data.template": ("chat", "plain"),
+    "data.format": ("auto", "alpaca", "sharegpt", "messages", "text"),
+    "data.too_long": ("truncate", "drop"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.kernels": ("auto", "liger", "none"),
-    "logger.name": ("wandb", "none"),
+    "logger.name": ("wandb", "tensorboard", "mlflow", "none"),
     "logger.mode": ("online", "offline", "disabled"),
 }
 

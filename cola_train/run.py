@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, checks, collate, distributed, kernels, profiling, resume as resuming
+from . import adapters, chain, checks, collate, distributed, kernels, loggers, profiling, resume as resuming
 from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
@@ -32,21 +32,6 @@ def _precision(cfg) -> dict:
     if p == "auto":
         p = "bf16" if torch.cuda.is_available() else "fp32"
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
-
-
-def _setup_logger(cfg, out: Path) -> list[str]:
-    if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
-        os.environ.setdefault("WANDB_DISABLED", "true")
-        return []
-    mode = cfg.logger.mode
-    if mode == "online" and not checks.wandb_credentials():
-        log.warning("no W&B credentials (WANDB_API_KEY or `wandb login`'s netrc entry): "
-                    "logging to W&B offline (wandb sync later)")
-        mode = "offline"
-    os.environ.update(WANDB_MODE=mode, WANDB_PROJECT=cfg.logger.project, WANDB_DIR=str(out))
-    if cfg.logger.entity:
-        os.environ["WANDB_ENTITY"] = cfg.logger.entity
-    return ["wandb"]
 
 
 def training_arguments(cfg, out: Path, report_to: list[str]):
@@ -103,7 +88,8 @@ def build_data(cfg, tokenizer, records: list[dict] | None = None, phases: Phases
         records = load_domain_records(cfg.data) if records is None else records
         train, val = split_train_val(records, cfg.data, cfg.seed)
         log.info(describe_sample(cfg.data, len(records)))  # fraction or max_samples: which one decided
-        encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len)
+        encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len,
+                                               cfg.data.too_long, cfg.data.skip_bad_rows)
         return encode(train), (encode(val) if val else None)
 
 
@@ -166,7 +152,7 @@ def run(cfg, out: Path) -> dict:
     tokenizer, model, applied_kernels = build_model(cfg, phases)
     check_tokenizer(cfg.eval, tokenizer)  # eval.chat_template needs a template: stop now, not after training
     train_ds, val_ds = build_data(cfg, tokenizer, records, phases)
-    report_to = _setup_logger(cfg, out)
+    report_to = loggers.setup(cfg, out)  # wandb | tensorboard | mlflow, through the Trainer's report_to
     args = training_arguments(cfg, out, report_to)
     preemption = distributed.preemption_callback()  # SLURM: checkpoint + requeue on the signal
     no_gradient = [] if distributed.deepspeed_enabled(cfg) else [StopWithoutGradient()]
@@ -182,6 +168,7 @@ def run(cfg, out: Path) -> dict:
                        StopOnNonFiniteLoss(), *no_gradient, totals, timer, *filter(None, [step_profiler]),
                        CheckpointCompleteMarker(), preemption],
         )
+    loggers.attach(trainer, report_to)  # peak GPU memory into every logged step; the MLflow run
     schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
     results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True), "kernels": applied_kernels,
                "n_train_samples": len(train_ds), "n_val_samples": len(val_ds) if val_ds else 0}
@@ -249,8 +236,7 @@ def run(cfg, out: Path) -> dict:
         write_json_atomic(out / "results.json", results)
         print(summary_line(results, out), flush=True)
     distributed.forget_deepspeed()
-    if report_to:
-        _finish_wandb(results)
+    loggers.finish(report_to, results)  # final numbers into W&B's summary / the MLflow run
     return results
 
 
@@ -258,24 +244,6 @@ def _mean_sequence(timer: StepTimer, sequences_per_step: int) -> float | None:
     """Tokens per sequence over the trained steps (the attention term of the FLOPs count)."""
     tokens = sum(t for _, _, t in timer.steps)
     return tokens / (len(timer.steps) * sequences_per_step) if timer.steps else None
-
-
-def _finish_wandb(results: dict) -> None:
-    """The run's final numbers go into the W&B summary, then the run is closed so its files
-    (offline: wandb/offline-run-*) are complete."""
-    import wandb
-
-    if wandb.run is None:
-        return
-    bench = results.get("benchmark") or {}
-    wandb.run.summary.update({
-        "final/eval_loss": results["eval"]["loss"], "final/eval_loss_before": results["eval"]["loss_before"],
-        "final/accuracy": bench.get("accuracy"), "final/macro_accuracy": bench.get("macro_accuracy"),
-        "final/tokens_per_s": results["train"]["tokens_per_s"],
-        "final/trainable_params": results["params"]["trainable"],
-        "final/energy_j": (results.get("energy") or {}).get("joules"),
-    })
-    wandb.finish()
 
 
 def summary_line(results: dict, out: Path) -> str:

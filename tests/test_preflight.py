@@ -270,15 +270,15 @@ def wandb_env(tmp_path, monkeypatch):
     for key in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(key, raising=False)
     for key in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_ENTITY", "WANDB_DISABLED"):
-        monkeypatch.setenv(key, "")  # restored after the test: _setup_logger writes them
+        monkeypatch.setenv(key, "")  # restored after the test: loggers.setup writes them
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     return tmp_path
 
 
 def _logger_mode(tmp_path) -> str:
-    from cola_train.run import _setup_logger
+    from cola_train.loggers import setup
 
-    assert _setup_logger(_cfg(["logger=wandb", "logger.mode=online"]), tmp_path) == ["wandb"]
+    assert setup(_cfg(["logger=wandb", "logger.mode=online"]), tmp_path) == ["wandb"]
     import os
 
     return os.environ["WANDB_MODE"]

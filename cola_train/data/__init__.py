@@ -1,6 +1,15 @@
 """Domain data: sources → records → a deterministic sample → tokenized, prompt-masked examples."""
-from .sources import DataError, load_domain_records
+from .sources import DataError
+from .sources import load_domain_records as _load_sources
 from .sampling import split_train_val
 from .template import tokenize_records
+from . import custom
+
+
+def load_domain_records(cfg) -> list[dict]:
+    """The records a run trains on: a built-in domain's sources, or one's own files (data.path,
+    data=custom: data/custom.py)."""
+    return custom.load_records(cfg) if getattr(cfg, "path", None) else _load_sources(cfg)
+
 
 __all__ = ["DataError", "load_domain_records", "split_train_val", "tokenize_records"]
