@@ -208,18 +208,18 @@ def probe_run(overrides: list[str], out: Path) -> dict:
     """run() with probes around every switch; returns what they saw (JSON-able, so a DeepSpeed run
     in a fresh process can report it too)."""
     from cola_train.run import run
+    from cola_train.trainer import ColaTrainer, _innermost
     from transformers import TrainerCallback
 
     seen = {"switch_logit_diff": [], "sum_error": [], "state_after_reset": [], "groups_are_params": [],
             "fp32_gap": [], "steps_after_switch": []}
     box: dict = {}
-    real_attach, real_switch, real_reset = chain.attach, chain.switch, chain.reset_optimizer
+    real_attach, real_switch, real_reset = chain.attach, chain.switch, ColaTrainer.reset_optimizer
 
     def fp32_gap(trainer) -> float:
-        engine = chain._engine(trainer)
-        if engine is None:
+        if not trainer.is_deepspeed_enabled:
             return 0.0
-        opt = engine.optimizer
+        opt = trainer.model_wrapped.optimizer
         if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
             pairs = zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat)
         else:                                              # ZeRO-1/2, one rank
@@ -233,7 +233,7 @@ def probe_run(overrides: list[str], out: Path) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             if box.get("switched_at") == state.global_step - 1:  # the first step of a new link
-                inner = chain._inner_optimizer(box["trainer"].optimizer)
+                inner = _innermost(box["trainer"].optimizer)
                 seen["steps_after_switch"].append(sorted({float(s["step"]) for s in inner.state.values()}))
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -259,11 +259,11 @@ def probe_run(overrides: list[str], out: Path) -> dict:
                                          for k in now))
         return weights, factors
 
-    def reset(trainer, names_before):
+    def reset(trainer, names_before=None):
         real_reset(trainer, names_before)
-        inner = chain._inner_optimizer(trainer.optimizer)
+        inner = _innermost(trainer.optimizer)
         seen["state_after_reset"].append(len(inner.state))
-        if chain._engine(trainer) is None:
+        if not trainer.is_deepspeed_enabled:
             live = {id(p) for p in trainer.model.parameters() if p.requires_grad}
             in_groups = [id(p) for g in inner.param_groups for p in g["params"]]
             seen["groups_are_params"].append(set(in_groups) == live and len(in_groups) == len(live))
@@ -273,7 +273,7 @@ def probe_run(overrides: list[str], out: Path) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(chain, "attach", attach)
         mp.setattr(chain, "switch", switch)
-        mp.setattr(chain, "reset_optimizer", reset)
+        mp.setattr(ColaTrainer, "reset_optimizer", reset)
         results = run(compose(CHAIN + overrides), out)
     if "final_weights" in box:
         seen["end_sum_error"] = max(float((box["final_weights"][k] - box["start"][k] - box["delta"][k]).abs().max())
