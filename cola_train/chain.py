@@ -12,9 +12,18 @@ of each link but the last:
                 relative to the original base;
     2. re-init: a fresh module (Kaiming A, zero B: the model's output does not change), at the
                 link's rank from `rank_schedule`, drawn from a generator seeded by seed + link;
-    3. reset:   the optimizer keeps no state from the previous link; with `restart_lr` the
-                learning-rate schedule starts again over the new link's steps, otherwise one
-                schedule runs over the whole chain.
+    3. restart: the next link trains as a fresh Trainer would: ColaTrainer.restart empties the
+                optimizer and, with `restart_lr`, starts the learning-rate schedule again over
+                the new link's steps (warm-up: `link_warmup`); otherwise one schedule runs over
+                the whole chain.
+
+Why links are restarts of one Trainer rather than one new Trainer each: the run's step count,
+data order (mid-epoch), random stream, callbacks (metrics, W&B step axis, checkpoints every
+save_steps, preemption, totals) and a resume from any step all belong to one Trainer, and a
+second Trainer on a ZeRO-3 model fails (accelerate refuses a second DeepSpeed Accelerator; past
+that, the first engine's gradient hooks break the second one's backward unless the first is
+destroyed). So a link is a short training inside the run, and this module is its schedule (link
+ends, ranks, warm-ups), its switch (commit or merge, re-init) and its state (records, checkpoints).
 
 `method.base` names the chained method (conf/method/<base>.yaml: lora, pissa, cola_fully,
 cola_random, cola_heuristic); the chain config's r / alpha / dropout / target_modules replace the
@@ -36,7 +45,8 @@ Resume: a Trainer checkpoint of a PEFT model holds only the live adapter, so eve
 also gets `chain_state.json` (link, step within the link, the records so far) and
 `chain_state.safetensors` (each merged link's adapter weights). Before training continues the
 merged links are replayed on the fresh base (same code path, same seeds), then the Trainer loads
-the live link's adapter and optimizer state as usual.
+the live link's adapter and optimizer state as usual, and the live link's learning-rate schedule
+is set again (the scheduler's step count is global: chain_state format 2; format 1 counted per link).
 """
 from __future__ import annotations
 
@@ -67,6 +77,7 @@ FROM_CHAIN = ("r", "alpha", "dropout", "target_modules", "svd", "svd_niter")   #
 MERGEABLE = "lora, pissa, cola_fully, cola_random, cola_heuristic"
 LINK_WARMUPS = ("scaled", "full")
 MERGES = ("factors", "weights")
+STEPLESS_SCHEDULES = ("reduce_lr_on_plateau", "greedy")  # not a function of the step: ColaTrainer.restart cannot restart them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +201,10 @@ def check_config(cfg) -> None:
             and "scheduler" in distributed.deepspeed_config(cfg):
         raise ConfigError(f"method.restart_lr=true restarts the trainer's schedule, but deepspeed={cfg.deepspeed.name} "
                           f"brings its own scheduler; drop deepspeed.config.scheduler or set method.restart_lr=false")
+    if links > 1 and m.restart_lr and cfg.trainer.scheduler in STEPLESS_SCHEDULES:
+        raise ConfigError(f"method.restart_lr=true restarts the learning-rate schedule at each link, but "
+                          f"trainer.scheduler={cfg.trainer.scheduler!r} is not a schedule over steps; choose "
+                          f"another trainer.scheduler or set method.restart_lr=false")
     if cfg.trainer.max_steps > 0:
         fractions = link_fractions(m)
         steps = cfg.trainer.max_steps

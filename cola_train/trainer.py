@@ -125,10 +125,10 @@ def _innermost(optimizer):
 
 
 class _Restartable:
-    """The Trainer's learning-rate scheduler (a LambdaLR, as every transformers schedule but
-    reduce_lr_on_plateau is) made to read its factor from a schedule that restart() can replace:
-    factor(step) = schedule(step - start). The scheduler's step count stays global, so a
-    checkpoint's scheduler state resumes as it is."""
+    """The Trainer's learning-rate scheduler (a LambdaLR, as every transformers schedule over
+    steps is), which restart() makes read its factor from a new schedule: factor(step) =
+    schedule(step - start). Its step count stays global, so a checkpoint's scheduler state
+    resumes as it is; until a restart the Trainer's own schedule runs untouched."""
 
     def __init__(self):
         self.scheduler = None
@@ -136,22 +136,20 @@ class _Restartable:
         self.schedule = None
 
     def adopt(self, scheduler) -> None:
-        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            self.scheduler = None
-            return
-        self.scheduler, self.start, self.schedule = scheduler, 0, scheduler.lr_lambdas[0]
-        # a plain function: LambdaLR.state_dict leaves it out (and with it this object)
-        scheduler.lr_lambdas = [lambda step: self.schedule(step - self.start)] * len(scheduler.lr_lambdas)
+        self.scheduler = scheduler if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) else None
 
     def restart(self, start: int, schedule, counted_from: int = 0) -> None:
         if self.scheduler is None:
             raise ValueError("the learning-rate schedule cannot restart: trainer.scheduler must be one of "
-                             "transformers' step-wise schedules (not reduce_lr_on_plateau)")
+                             "transformers' schedules over steps (not reduce_lr_on_plateau or greedy)")
         self.start, self.schedule = int(start), schedule
-        self.scheduler.last_epoch += int(counted_from) - 1  # step() again at the same step: the optimizer's lrs follow the new schedule
+        scheduler = self.scheduler
+        # a plain function: LambdaLR.state_dict leaves it (and with it this object) out of checkpoints
+        scheduler.lr_lambdas = [lambda step: self.schedule(step - self.start)] * len(scheduler.lr_lambdas)
+        scheduler.last_epoch += int(counted_from) - 1  # step() again at the same step: the lrs follow
         with warnings.catch_warnings():  # "step() before optimizer.step()": a restart at step 0
             warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()
+            scheduler.step()
 
 
 class ResampleCallback(TrainerCallback):
