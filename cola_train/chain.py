@@ -12,9 +12,18 @@ of each link but the last:
                 relative to the original base;
     2. re-init: a fresh module (Kaiming A, zero B: the model's output does not change), at the
                 link's rank from `rank_schedule`, drawn from a generator seeded by seed + link;
-    3. reset:   the optimizer keeps no state from the previous link; with `restart_lr` the
-                learning-rate schedule starts again over the new link's steps, otherwise one
-                schedule runs over the whole chain.
+    3. restart: the next link trains as a fresh Trainer would: ColaTrainer.restart empties the
+                optimizer and, with `restart_lr`, starts the learning-rate schedule again over
+                the new link's steps (warm-up: `link_warmup`); otherwise one schedule runs over
+                the whole chain.
+
+Why links are restarts of one Trainer rather than one new Trainer each: the run's step count,
+data order (mid-epoch), random stream, callbacks (metrics, W&B step axis, checkpoints every
+save_steps, preemption, totals) and a resume from any step all belong to one Trainer, and a
+second Trainer on a ZeRO-3 model fails (accelerate refuses a second DeepSpeed Accelerator; past
+that, the first engine's gradient hooks break the second one's backward unless the first is
+destroyed). So a link is a short training inside the run, and this module is its schedule (link
+ends, ranks, warm-ups), its switch (commit or merge, re-init) and its state (records, checkpoints).
 
 `method.base` names the chained method (conf/method/<base>.yaml: lora, pissa, cola_fully,
 cola_random, cola_heuristic); the chain config's r / alpha / dropout / target_modules replace the
@@ -36,12 +45,12 @@ Resume: a Trainer checkpoint of a PEFT model holds only the live adapter, so eve
 also gets `chain_state.json` (link, step within the link, the records so far) and
 `chain_state.safetensors` (each merged link's adapter weights). Before training continues the
 merged links are replayed on the fresh base (same code path, same seeds), then the Trainer loads
-the live link's adapter and optimizer state as usual.
+the live link's adapter and optimizer state as usual, and the live link's learning-rate schedule
+is set again (the scheduler's step count is global: chain_state format 2; format 1 counted per link).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -62,11 +71,13 @@ log = logging.getLogger("cola_train")
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 STATE_JSON = "chain_state.json"
 STATE_TENSORS = "chain_state.safetensors"
-FORMAT = "cola_train.chain/1"
+FORMAT = "cola_train.chain/2"  # 2: the lr scheduler's step count in a checkpoint is global
+FORMAT_1 = "cola_train.chain/1"
 FROM_CHAIN = ("r", "alpha", "dropout", "target_modules", "svd", "svd_niter")   # per-link LoRA settings, the SVD of a PiSSA base
 MERGEABLE = "lora, pissa, cola_fully, cola_random, cola_heuristic"
 LINK_WARMUPS = ("scaled", "full")
 MERGES = ("factors", "weights")
+STEPLESS_SCHEDULES = ("reduce_lr_on_plateau", "greedy")  # not a function of the step: ColaTrainer.restart cannot restart them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +201,10 @@ def check_config(cfg) -> None:
             and "scheduler" in distributed.deepspeed_config(cfg):
         raise ConfigError(f"method.restart_lr=true restarts the trainer's schedule, but deepspeed={cfg.deepspeed.name} "
                           f"brings its own scheduler; drop deepspeed.config.scheduler or set method.restart_lr=false")
+    if links > 1 and m.restart_lr and cfg.trainer.scheduler in STEPLESS_SCHEDULES:
+        raise ConfigError(f"method.restart_lr=true restarts the learning-rate schedule at each link, but "
+                          f"trainer.scheduler={cfg.trainer.scheduler!r} is not a schedule over steps; choose "
+                          f"another trainer.scheduler or set method.restart_lr=false")
     if cfg.trainer.max_steps > 0:
         fractions = link_fractions(m)
         steps = cfg.trainer.max_steps
@@ -197,7 +212,21 @@ def check_config(cfg) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# one switch, on a plain or a DeepSpeed-partitioned model
+# schedule: which link trains a step, each link's learning-rate warm-up
+
+
+def link_warmup_steps(args, total_steps: int, link_steps: int, mode: str) -> int:
+    """A link's warm-up under restart_lr. `full` repeats the run's whole warm-up in every link,
+    which a short link may never finish (20 warm-up steps, 11-step links: the peak lr is never
+    reached). `scaled` gives each link its share, as if the run's schedule were squeezed into it."""
+    whole = args.get_warmup_steps(total_steps)
+    if mode == "full" or total_steps <= 0:
+        return whole
+    return math.ceil(whole * link_steps / total_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# switch: end a link on a plain or a DeepSpeed-partitioned model (commit or merge, re-init)
 
 
 def _short(name: str) -> str:
@@ -214,10 +243,7 @@ def _layers(model) -> List[Tuple[str, torch.nn.Module, bool]]:
 @torch.no_grad()
 def _factors(layer, is_peft: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """float32 CPU (A, B) with the layer's mergeable update == B @ A (scaling folded into B)."""
-    if is_peft:
-        A, B = peft_methods.current_factors(layer)
-    else:
-        A, B = layer.factors(dtype=torch.float32)
+    A, B = peft_methods.current_factors(layer) if is_peft else layer.factors(dtype=torch.float32)
     return A.detach().to("cpu", torch.float32, copy=True), B.detach().to("cpu", torch.float32, copy=True)
 
 
@@ -227,16 +253,12 @@ def frobenius(A: torch.Tensor, B: torch.Tensor) -> float:
     return math.sqrt(max(0.0, float(torch.sum((B.T @ B) * (A @ A.T)))))
 
 
-def _zero_params(params) -> bool:
-    return any(hasattr(p, "ds_id") for p in params)
-
-
 @contextlib.contextmanager
 def gathered(params, modify: bool):
     """ZeRO-3: gather the parameters on every rank (modify: rank 0's values are scattered back
     on exit); a no-op for ordinary tensors. Every rank must enter it (a collective)."""
     params = list(params)
-    if not _zero_params(params):
+    if not any(hasattr(p, "ds_id") for p in params):
         yield
         return
     import deepspeed
@@ -328,94 +350,14 @@ def norms(factors: Dict[str, tuple], previous: List[Dict[str, tuple]]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# the optimizer and the learning-rate schedule
-
-
-def _engine(trainer):
-    return trainer.model_wrapped if getattr(trainer, "is_deepspeed_enabled", False) else None
-
-
-def _inner_optimizer(opt):
-    while getattr(opt, "optimizer", None) is not None:  # accelerate / DeepSpeed wrappers
-        opt = opt.optimizer
-    return opt
-
-
-def reset_optimizer(trainer, names_before: Dict[int, str]) -> None:
-    """No state from the previous link: Adam's moments and step counts go; new parameter tensors
-    (a rank change) replace the old ones in the param groups; under ZeRO the fp32 master copies
-    are refreshed from the re-initialised weights."""
-    engine = _engine(trainer)
-    inner = _inner_optimizer(trainer.optimizer)
-    if engine is None:
-        current = dict(trainer.model.named_parameters())
-        for group in inner.param_groups:
-            group["params"] = [current[names_before[id(p)]] if id(p) in names_before else p
-                               for p in group["params"]]
-    inner.state.clear()
-    for group in inner.param_groups:
-        group.pop("step", None)  # optimizers that count per group (e.g. FusedAdam)
-    if engine is not None:
-        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-        if refresh is not None:
-            refresh()
-
-
-def _scheduler_optimizer(trainer):
-    """What the trainer's scheduler drives: the torch optimizer inside a DeepSpeed engine (as
-    transformers hands it to DeepSpeed), accelerate's wrapped optimizer otherwise."""
-    engine = _engine(trainer)
-    if engine is not None:
-        return getattr(engine, "basic_optimizer", None) or _inner_optimizer(engine.optimizer)
-    return trainer.optimizer
-
-
-def _current_scheduler(trainer):
-    engine = _engine(trainer)
-    return engine.lr_scheduler if engine is not None else trainer.lr_scheduler
-
-
-def link_warmup_steps(args, total_steps: int, link_steps: int, mode: str) -> int:
-    """A link's warm-up under restart_lr. `full` repeats the run's whole warm-up in every link,
-    which a short link may never finish (20 warm-up steps, 11-step links: the peak lr is never
-    reached). `scaled` gives each link its share, as if the run's schedule were squeezed into it."""
-    whole = args.get_warmup_steps(total_steps)
-    if mode == "full" or total_steps <= 0:
-        return whole
-    return math.ceil(whole * link_steps / total_steps)
-
-
-def restart_schedule(trainer, steps: int, warmup: int, continue_from=None) -> None:
-    """The trainer's learning-rate schedule again, over `steps` steps (one link) with `warmup`
-    warm-up steps; with `continue_from` (a resume) that scheduler's position and learning rates
-    are kept."""
-    optimizer = _scheduler_optimizer(trainer)
-    shallow = copy.copy(trainer)  # as transformers' DeepSpeed integration does
-    shallow.lr_scheduler = None
-    shallow.args = copy.copy(trainer.args)
-    shallow.args.warmup_steps = warmup
-    scheduler = shallow.create_scheduler(num_training_steps=steps, optimizer=optimizer)
-    if continue_from is not None:
-        scheduler.load_state_dict(continue_from.state_dict())
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-    engine = _engine(trainer)
-    if engine is not None:
-        engine.lr_scheduler = scheduler           # the engine steps it
-        if hasattr(trainer.lr_scheduler, "scheduler"):
-            trainer.lr_scheduler.scheduler = scheduler
-    else:
-        trainer.lr_scheduler = scheduler
-    trainer.callback_handler.lr_scheduler = trainer.lr_scheduler
-
-
-# ----------------------------------------------------------------------------------------------
-# the schedule as a Trainer callback
+# the chain: links as short trainings in one Trainer, and its state (records, checkpoints, resume)
 
 
 class ChainSchedule(TrainerCallback):
-    """Switches links at their last step (on_step_end), logs each switch, saves and restores
-    the chain with every checkpoint. One per run; `attach` adds it to the trainer."""
+    """Ends each link but the last at its last step (on_step_end): switch, then the Trainer's
+    restart (an empty optimizer; with restart_lr a new learning-rate schedule over the next
+    link). Logs each switch, saves and restores the chain with every checkpoint. One per run;
+    `attach` adds it to the trainer."""
 
     def __init__(self, cfg, trainer):
         m = cfg.method
@@ -436,6 +378,7 @@ class ChainSchedule(TrainerCallback):
         self._switched_at: Optional[int] = None
         self._last_loss: Optional[Tuple[int, float]] = None
         self._restored_from: Optional[str] = None
+        self._step_counted_from = 0  # a checkpoint of format 1 counted the lr schedule's steps per link
 
     def _info(self, *args) -> None:
         if self.trainer.is_world_process_zero():
@@ -448,6 +391,11 @@ class ChainSchedule(TrainerCallback):
     def link_at(self, step: int) -> int:
         """The link that trains optimizer step `step` + 1 (after `step` steps are done)."""
         return sum(1 for end in self.ends[:-1] if end <= step)
+
+    def _lr_schedule(self, link: int) -> Tuple[int, int, int]:
+        """(first step, steps, warm-up steps) of the learning-rate schedule `link` trains with."""
+        steps = self.ends[link] - self.start_of(link)
+        return self.start_of(link), steps, link_warmup_steps(self.trainer.args, self.ends[-1], steps, self.link_warmup)
 
     def on_train_begin(self, args, state, control, **kwargs):
         ends = link_ends(state.max_steps, self.fractions)
@@ -463,9 +411,8 @@ class ChainSchedule(TrainerCallback):
         if link != self.link:
             raise ConfigError(f"resuming at step {state.global_step} (link {link}) but the chain state says link "
                               f"{self.link}: the checkpoint has no matching {STATE_JSON}")
-        if self.restart_lr and self.links > 1:
-            resumed = state.global_step > self.start_of(link)
-            self._restart_schedule(link, _current_scheduler(self.trainer) if resumed else None)
+        if self.restart_lr and self.links > 1:  # the live link's schedule (a resume: part-way through it)
+            self.trainer.restart_schedule(*self._lr_schedule(link), counted_from=self._step_counted_from)
         half = half_precision_base(self.trainer.model) if self.links > 1 and self.merge == "weights" else None
         if half is not None and self.trainer.is_world_process_zero():
             # measured on SmolLM2-135M at lr 5e-5: about 7 % of a link's update survives the merge
@@ -476,31 +423,20 @@ class ChainSchedule(TrainerCallback):
                    self.ends, self.ranks,
                    f"lr restarts per link ({self.link_warmup} warm-up)" if self.restart_lr else "one lr schedule")
 
-    def _restart_schedule(self, link: int, continue_from=None) -> None:
-        steps = self.ends[link] - self.start_of(link)
-        warmup = link_warmup_steps(self.trainer.args, self.ends[-1], steps, self.link_warmup)
-        restart_schedule(self.trainer, steps, warmup, continue_from)
-
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if self.ends is None or self.link >= self.links - 1 or step != self.ends[self.link]:
             return control
-        self._switch_now(step)
-        control.should_log = True  # the loss at the switch goes into the record
-        return control
-
-    def _switch_now(self, step: int) -> None:
         trainer, ended, nxt = self.trainer, self.link, self.link + 1
         names_before = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
         weights, factors = switch(trainer.model, self.ranks[nxt], self.seed + nxt, self.merge)
-        reset_optimizer(trainer, names_before)
-        if self.restart_lr:
-            self._restart_schedule(nxt)
+        trainer.restart(names_before, self._lr_schedule(nxt) if self.restart_lr else None)
         self._record(ended, weights, factors)
-        self.link = nxt
-        self._switched_at = step
+        self.link, self._switched_at = nxt, step
         self._info("Chain of LoRA: link %d merged at step %d (|dW|_F = %.4g); link %d starts at rank %d",
                    ended, step, self.records[-1]["delta_norm"], nxt, self.ranks[nxt])
+        control.should_log = True  # the loss at the switch goes into the record
+        return control
 
     def _record(self, link: int, weights, factors, merged: bool = True) -> dict:
         stats = norms(factors, self.merged_factors)
@@ -539,7 +475,7 @@ class ChainSchedule(TrainerCallback):
             record["loss_at_switch"] = self._last_loss[1]
         return control
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- state: every checkpoint, and a resume from one ---------------------------------------
     def on_save(self, args, state, control, **kwargs):
         from .trainer import saved_checkpoint
 
@@ -579,7 +515,7 @@ class ChainSchedule(TrainerCallback):
             raise ConfigError(f"cannot resume Chain of LoRA from {checkpoint}: it has no {STATE_JSON} "
                               f"(not written by a method.kind=chain run)")
         saved = json.loads(path.read_text())
-        if saved.get("format") != FORMAT:
+        if saved.get("format") not in (FORMAT, FORMAT_1):
             raise ConfigError(f"{path} has format {saved.get('format')!r}, expected {FORMAT!r}")
         saved.setdefault("link_warmup", "full")  # written before link_warmup existed
         saved.setdefault("merge", "weights")     # ... and before merge did
@@ -610,6 +546,8 @@ class ChainSchedule(TrainerCallback):
             self.merged_weights.append(weights)
         self.records = [dict(r) for r in saved["records"]]
         self.link = int(saved["link"])
+        if saved["format"] == FORMAT_1 and self.restart_lr:  # its scheduler counted from the link's start
+            self._step_counted_from = self.start_of(self.link)
         self._restored_from = str(checkpoint)
         self._info("Chain of LoRA: resuming in link %d (%d merged links replayed) from %s", self.link, self.link,
                    checkpoint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -14,11 +15,63 @@ from .results import append_jsonl
 
 
 class ColaTrainer(Trainer):
-    """Adds adapter auxiliary losses to the task loss and counts the tokens it trains on."""
+    """Adds adapter auxiliary losses to the task loss and counts the tokens it trains on, and can
+    restart its optimizer and learning-rate schedule mid-run (restart: Chain of LoRA's links)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_tokens = 0
+        self._lr = _Restartable()  # shared with the shallow copy DeepSpeed's integration schedules on
+
+    # -- restart: a new link of a Chain of LoRA run starts as if a fresh Trainer took over, but in
+    # the same one, so the step count, data order, random stream, callbacks, checkpoints and the
+    # DeepSpeed engine (which cannot be built twice on a ZeRO-3 model) simply go on
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        fresh = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if fresh:
+            self._lr.adopt(scheduler)
+        return scheduler
+
+    def restart(self, names_before=None, schedule=None) -> None:
+        """From the current step on, as a new Trainer would start: an empty optimizer
+        (reset_optimizer) and, with `schedule` = (first step, steps, warm-up steps), the learning-
+        rate schedule again (restart_schedule); without it the run's schedule goes on."""
+        self.reset_optimizer(names_before)
+        if schedule is not None:
+            self.restart_schedule(*schedule)
+
+    def restart_schedule(self, start: int, steps: int, warmup: int, counted_from: int = 0) -> None:
+        """The Trainer's schedule type (cosine, linear, ...) again, as created over `steps` steps
+        with `warmup` warm-up steps, counted from global step `start` (a resume: a past step). The
+        scheduler object stays the one the engine, accelerate and the callbacks hold; only the
+        function it reads the learning rate from changes. `counted_from`: the step a resumed
+        scheduler's own count began at, when that was not step 0."""
+        from transformers.optimization import get_scheduler
+
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        fresh = get_scheduler(self.args.lr_scheduler_type, optimizer=probe, num_warmup_steps=warmup,
+                              num_training_steps=steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        self._lr.restart(start, fresh.lr_lambdas[0], counted_from)
+
+    def reset_optimizer(self, names_before=None) -> None:
+        """No optimizer state from before: Adam's moments and step counts go. `names_before`
+        ({id(parameter): name} of the trainable parameters before a rank change built new ones)
+        puts the new tensors in the old ones' place in the param groups. Under ZeRO the fp32
+        master copies are refreshed from the current (re-initialised) weights."""
+        inner = _innermost(self.optimizer)
+        if names_before and not self.is_deepspeed_enabled:
+            current = dict(self.model.named_parameters())
+            for group in inner.param_groups:
+                group["params"] = [current[names_before[id(p)]] if id(p) in names_before else p
+                                   for p in group["params"]]
+        inner.state.clear()
+        for group in inner.param_groups:
+            group.pop("step", None)  # optimizers that count per group (e.g. FusedAdam)
+        if self.is_deepspeed_enabled:
+            refresh = getattr(self.model_wrapped.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:
+                refresh()
 
     # -- checkpoints: our own layers save and load only what cannot be rebuilt (checkpoints.py)
     def _slim(self) -> bool:
@@ -62,6 +115,41 @@ class ColaTrainer(Trainer):
         if return_outputs:
             return out[0] + aux, out[1]
         return out + aux
+
+
+def _innermost(optimizer):
+    """The torch optimizer inside accelerate's and DeepSpeed's wrappers."""
+    while getattr(optimizer, "optimizer", None) is not None:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class _Restartable:
+    """The Trainer's learning-rate scheduler (a LambdaLR, as every transformers schedule over
+    steps is), which restart() makes read its factor from a new schedule: factor(step) =
+    schedule(step - start). Its step count stays global, so a checkpoint's scheduler state
+    resumes as it is; until a restart the Trainer's own schedule runs untouched."""
+
+    def __init__(self):
+        self.scheduler = None
+        self.start = 0
+        self.schedule = None
+
+    def adopt(self, scheduler) -> None:
+        self.scheduler = scheduler if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) else None
+
+    def restart(self, start: int, schedule, counted_from: int = 0) -> None:
+        if self.scheduler is None:
+            raise ValueError("the learning-rate schedule cannot restart: trainer.scheduler must be one of "
+                             "transformers' schedules over steps (not reduce_lr_on_plateau or greedy)")
+        self.start, self.schedule = int(start), schedule
+        scheduler = self.scheduler
+        # a plain function: LambdaLR.state_dict leaves it (and with it this object) out of checkpoints
+        scheduler.lr_lambdas = [lambda step: self.schedule(step - self.start)] * len(scheduler.lr_lambdas)
+        scheduler.last_epoch += int(counted_from) - 1  # step() again at the same step: the lrs follow
+        with warnings.catch_warnings():  # "step() before optimizer.step()": a restart at step 0
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
 
 
 class ResampleCallback(TrainerCallback):

@@ -51,6 +51,8 @@ EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".pytest_cache
     (["trainer.max_steps=4", "method.link_fractions=[0.1,0.1,0.8]"], r"leaves link 0 with no steps"),
     (["method.link_warmup=linear"], r"method\.link_warmup='linear' is not one of scaled, full"),
     (["method.merge=lossy"], r"method\.merge='lossy' is not one of factors, weights"),
+    (["trainer.scheduler=reduce_lr_on_plateau"], r"method\.restart_lr=true restarts the learning-rate schedule at "
+                                                  r"each link, but trainer\.scheduler='reduce_lr_on_plateau' is not"),
 ])
 def test_bad_chain_config_is_one_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -208,18 +210,18 @@ def probe_run(overrides: list[str], out: Path) -> dict:
     """run() with probes around every switch; returns what they saw (JSON-able, so a DeepSpeed run
     in a fresh process can report it too)."""
     from cola_train.run import run
+    from cola_train.trainer import ColaTrainer, _innermost
     from transformers import TrainerCallback
 
     seen = {"switch_logit_diff": [], "sum_error": [], "state_after_reset": [], "groups_are_params": [],
             "fp32_gap": [], "steps_after_switch": []}
     box: dict = {}
-    real_attach, real_switch, real_reset = chain.attach, chain.switch, chain.reset_optimizer
+    real_attach, real_switch, real_reset = chain.attach, chain.switch, ColaTrainer.reset_optimizer
 
     def fp32_gap(trainer) -> float:
-        engine = chain._engine(trainer)
-        if engine is None:
+        if not trainer.is_deepspeed_enabled:
             return 0.0
-        opt = engine.optimizer
+        opt = trainer.model_wrapped.optimizer
         if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
             pairs = zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat)
         else:                                              # ZeRO-1/2, one rank
@@ -233,7 +235,7 @@ def probe_run(overrides: list[str], out: Path) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             if box.get("switched_at") == state.global_step - 1:  # the first step of a new link
-                inner = chain._inner_optimizer(box["trainer"].optimizer)
+                inner = _innermost(box["trainer"].optimizer)
                 seen["steps_after_switch"].append(sorted({float(s["step"]) for s in inner.state.values()}))
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -259,11 +261,11 @@ def probe_run(overrides: list[str], out: Path) -> dict:
                                          for k in now))
         return weights, factors
 
-    def reset(trainer, names_before):
+    def reset(trainer, names_before=None):
         real_reset(trainer, names_before)
-        inner = chain._inner_optimizer(trainer.optimizer)
+        inner = _innermost(trainer.optimizer)
         seen["state_after_reset"].append(len(inner.state))
-        if chain._engine(trainer) is None:
+        if not trainer.is_deepspeed_enabled:
             live = {id(p) for p in trainer.model.parameters() if p.requires_grad}
             in_groups = [id(p) for g in inner.param_groups for p in g["params"]]
             seen["groups_are_params"].append(set(in_groups) == live and len(in_groups) == len(live))
@@ -273,7 +275,7 @@ def probe_run(overrides: list[str], out: Path) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(chain, "attach", attach)
         mp.setattr(chain, "switch", switch)
-        mp.setattr(chain, "reset_optimizer", reset)
+        mp.setattr(ColaTrainer, "reset_optimizer", reset)
         results = run(compose(CHAIN + overrides), out)
     if "final_weights" in box:
         seen["end_sum_error"] = max(float((box["final_weights"][k] - box["start"][k] - box["delta"][k]).abs().max())
@@ -449,6 +451,32 @@ def test_resume_replays_the_merged_links(which, request, tmp_path):
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+
+
+def test_resume_from_a_checkpoint_of_the_per_link_scheduler_continues_the_same(equal_links, tmp_path):
+    """Checkpoints written before ColaTrainer.restart (chain_state format 1) hold a scheduler that
+    counted its steps from the link's start (at step 4 of link 1, which started at step 3: 1 step).
+    Resumed now, the learning rates and losses are still those of the uninterrupted run."""
+    from cola_train.run import run
+
+    full, _ = equal_links
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "checkpoint-8")
+    (part / "results.json").unlink()
+    (part / "metrics.jsonl").unlink()
+    ckpt = part / "checkpoints" / "checkpoint-4"
+    state = json.loads((ckpt / chain.STATE_JSON).read_text())
+    (ckpt / chain.STATE_JSON).write_text(json.dumps({**state, "format": "cola_train.chain/1"}))
+    sched = torch.load(ckpt / "scheduler.pt", weights_only=True)
+    assert sched["last_epoch"] == 4
+    torch.save({**sched, "last_epoch": 1, "_step_count": 2}, ckpt / "scheduler.pt")
+    run(compose(CHAIN + ["trainer.resume=true"]), part)
+    want = {r["step"]: r for r in _rows(full) if "loss" in r}
+    got = {r["step"]: r for r in _rows(part) if "loss" in r}
+    assert sorted(got) == [5, 6, 7, 8]
+    assert [got[s]["learning_rate"] for s in got] == pytest.approx([want[s]["learning_rate"] for s in got], abs=1e-12)
+    assert [got[s]["loss"] for s in got] == pytest.approx([want[s]["loss"] for s in got], rel=1e-6)
 
 
 def test_resume_refuses_a_different_chain(equal_links, tmp_path):
