@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import adapters, chain, checks, distributed, kernels, resume as resuming
-from .config import validate
+from .checks import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
 from .data.sampling import describe_sample
@@ -76,7 +76,7 @@ def build_model(cfg, phases: Phases | None = None):
     with phases(f"model load ({cfg.model.name})"):
         tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
-        targets = cfg.method.target_modules or target_modules(cfg.model)
+        targets = getattr(cfg.method, "target_modules", None) or target_modules(cfg.model)  # fft has none
         checks.check_layers(model, cfg)  # targets exist, ranks fit their widths: before any adapter
         if torch.cuda.is_available() and cfg.deepspeed.name == "none":
             # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
@@ -150,6 +150,7 @@ def run(cfg, out: Path) -> dict:
                           ResampleCallback, StopOnNonFiniteLoss, StopWithoutGradient)
 
     validate(cfg)
+    distributed.check(cfg)  # DeepSpeed vs trainer, trainer.devices vs GPUs
     changes = resuming.check(cfg, out, distributed.resuming(out))  # another config: refused (unless force)
     done = completed_results(out) if resuming.asked(cfg) else None
     if done is not None and not changes:

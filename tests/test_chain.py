@@ -22,7 +22,8 @@ import torch
 
 from cola_train import chain
 from cola_train.adapters.io import unwrap
-from cola_train.config import ConfigError, validate
+from cola_train.checks import validate
+from cola_train.config import ConfigError
 from conftest import REPO, TINY, compose
 
 CHAIN = TINY + ["method=chain_of_lora", "trainer.lr=5e-3", "method.dropout=0", "trainer.save_total_limit=3"]

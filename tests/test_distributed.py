@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cola_train.config import ConfigError, validate
+from cola_train.checks import validate
+from cola_train.config import ConfigError
 from conftest import compose, run_cli
 
 RTOL = 1e-4
