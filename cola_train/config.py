@@ -401,6 +401,27 @@ def method_view(method: Any, **changes) -> MethodConfig:
     return MethodConfig(**{k: plain(v) for k, v in {**values, **changes}.items() if k in known})
 
 
+def saved_in_this_layout(saved: dict, now: dict) -> dict:
+    """A config saved before each method had the schema of its kind (runs before 2026-12-03: every
+    method field filled in, a chain's base a name), as this layout writes it, so a resume or a
+    re-run sweep compares like with like. A field the method's schema lacks is dropped where it
+    holds the all-methods default (it meant nothing for that method; any other value stays, and
+    shows as a change); a base saved as a name stands for today's base node of that name (the old
+    code read conf/method/<base>.yaml then, as Hydra composes it now)."""
+    method = saved.get("method") if isinstance(saved, dict) else None
+    schema = METHOD_SCHEMAS.get(method.get("kind")) if isinstance(method, dict) else None
+    if schema is None:
+        return saved
+    fields = {f.name for f in dataclasses.fields(schema)}
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(MethodConfig)}
+    method = {k: v for k, v in method.items() if k in fields or k not in defaults or v != defaults[k]}
+    now_base = (now.get("method") or {}).get("base") if isinstance(now, dict) else None
+    if isinstance(method.get("base"), str) and isinstance(now_base, dict) and now_base.get("name") == method["base"]:
+        method["base"] = now_base
+    return {**saved, "method": method}
+
+
 @dataclass
 class DataSource:
     name: str = ""

@@ -173,3 +173,24 @@ def test_a_chain_config_saved_with_the_base_as_a_name_still_loads():
     saved["base"] = "cola_heuristic"
     base = chain.base_method(saved)
     assert (base.kind, base.strategy, base.num_B, base.r) == ("cola", "heuristic", 3, 4)
+
+
+def test_a_run_saved_in_the_old_layout_resumes_without_a_method_change():
+    """Runs saved before #24 hold every method field (lora with num_B=1, strategy=fully ...) and a
+    chain's base as a name: a resume or a re-run sweep must not see those as changes."""
+    from cola_train.resume import differences
+
+    old_union = dict(name="lora", kind="peft", r=8, alpha=16.0, dropout=0.05, target_modules=None, init="lora",
+                     svd="lowrank", svd_niter=16, use_dora=False, strategy="fully", num_A=1, num_B=1, impl="fused",
+                     pairing="paper", balance_coef=0.01, expert_paths=[], freeze_experts=False, base="lora", links=1,
+                     link_fractions=None, rank_schedule=None, restart_lr=True, link_warmup="scaled", merge="factors")
+    for overrides, method in ((["method=lora"], old_union),
+                              (["method=chain_of_lora", "method.base=cola_heuristic"],
+                               {**old_union, "name": "chain_of_lora", "kind": "chain", "base": "cola_heuristic",
+                                "links": 3})):
+        cfg = compose(overrides)
+        saved = {**OmegaConf.to_container(cfg, resolve=True), "method": method}
+        assert differences(saved, cfg) == {}, overrides
+    cfg = compose(["method=lora"])
+    saved = {**OmegaConf.to_container(cfg, resolve=True), "method": {**old_union, "num_B": 3}}
+    assert differences(saved, cfg) == {"method.num_B": [3, "(absent)"]}
