@@ -96,8 +96,9 @@ def base_method(method_cfg) -> MethodConfig:
 
 
 def adapter_method(method_cfg):
-    """What attach_adapter gets: the base method for a chain, the method itself otherwise."""
-    return base_method(method_cfg) if _field(method_cfg, "kind") == "chain" else method_cfg
+    """What attach_adapter gets, a typed MethodConfig: the base method's for a chain, the
+    method's own otherwise."""
+    return base_method(method_cfg) if _field(method_cfg, "kind") == "chain" else method_view(method_cfg)
 
 
 def link_ranks(m) -> List[int]:
