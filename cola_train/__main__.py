@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from .compose import CONF  # conf/: the groups and their options (stdlib-only import)
 
 
 def refuse(message: str) -> None:
