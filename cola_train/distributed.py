@@ -769,7 +769,7 @@ def job(cfg, out: Path, run, sweeping: bool):
     hc = HydraConfig.get()
     if should_spawn(cfg):
         validate(cfg)  # bad input stops here, once, before any rank starts
-        check(cfg)
+        check(cfg)  # DeepSpeed vs trainer, devices vs GPUs (checks.py may not import this module)
         from .resume import check as check_resume
 
         check_resume(cfg, out, resuming(out))  # and a resume with another config

@@ -23,7 +23,6 @@ import logging
 log = logging.getLogger("cola_train")
 
 
-
 def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
