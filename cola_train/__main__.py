@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from .compose import CONF  # conf/: the groups and their options (stdlib-only import)
 
 
 def refuse(message: str) -> None:
@@ -20,8 +20,8 @@ def check_group_choices(argv: list[str]) -> None:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.lstrip("+~").split("=", 1)
-        group = CONF / key
-        if key.startswith("hydra/") or not group.is_dir() or "." in key:
+        group = CONF / key.split("@", 1)[0]     # method@method.base: a chain's base, an option of method
+        if key.startswith("hydra/") or not group.is_dir() or "." in key.split("@", 1)[0]:
             continue
         options = sorted(p.stem for p in group.glob("*.yaml"))
         for v in value.split(","):
@@ -29,28 +29,54 @@ def check_group_choices(argv: list[str]) -> None:
                 refuse(f"{key}={v!r} is not an option; choose from: {', '.join(options)}")
 
 
+def _method_schemas(argv: list[str]) -> list:
+    """The schemas of the method option(s) this command line picks (a sweep may pick several)."""
+    from omegaconf import OmegaConf
+
+    from .config import METHOD_SCHEMAS, Kind
+
+    chosen = [a.split("=", 1)[1] for a in argv if a.lstrip("+").split("=", 1)[0] == "method"] or \
+             [d["method"] for d in OmegaConf.load(CONF / "config.yaml").defaults if OmegaConf.is_dict(d) and "method" in d]
+    schemas = []
+    for name in (chosen[-1] if chosen else "").split(","):
+        try:
+            schemas.append(METHOD_SCHEMAS[Kind(OmegaConf.load(CONF / "method" / f"{name}.yaml").kind)])
+        except Exception:  # noqa: BLE001 - a bad option or file: check_group_choices / Hydra say it
+            continue
+    return schemas
+
+
 def check_keys(argv: list[str]) -> None:
     """An unknown `a.b=c` key fails in one line naming it and the keys allowed there (Hydra's own
-    message for this spans several lines)."""
+    message for this spans several lines). `method.*` keys are checked against the schema of the
+    chosen method (each one of a sweep)."""
     import dataclasses
     import typing
 
     from .config import Config
 
     for arg in argv:
-        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg or (CONF / arg.split("=")[0]).is_dir():
+        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg or "@" in arg.split("=")[0] \
+                or (CONF / arg.split("=")[0]).is_dir():
             continue
-        node, path = Config, []
-        for part in arg.split("=", 1)[0].split("."):
-            if not dataclasses.is_dataclass(node):
-                break                       # below a dict or list: free-form (model.arch, deepspeed.config)
-            fields = {f.name: f for f in dataclasses.fields(node)}
-            if part not in fields:
-                where = ".".join(path) or "the config"
-                refuse(f"unknown key {'.'.join(path + [part])!r}; {where} has: {', '.join(fields)}")
-            path.append(part)
-            hints = typing.get_type_hints(node)
-            node = hints[part]
+        parts = arg.split("=", 1)[0].split(".")
+        starts = [(Config, [])]
+        if parts[0] == "method" and len(parts) > 1:
+            starts = [(schema, ["method"]) for schema in _method_schemas(argv)]
+            parts = parts[1:]
+        for node, path in starts:
+            path = list(path)
+            for part in parts:
+                if not dataclasses.is_dataclass(node):
+                    break                   # below a dict, list or Any: free-form (model.arch, method.base)
+                fields = {f.name: f for f in dataclasses.fields(node)}
+                if part not in fields:
+                    where = ".".join(path) or "the config"
+                    kind = getattr(fields.get("kind"), "default", None) if path == ["method"] else None
+                    where = f"{where} (kind {kind})" if kind is not None else where
+                    refuse(f"unknown key {'.'.join(path + [part])!r}; {where} has: {', '.join(fields)}")
+                path.append(part)
+                node = typing.get_type_hints(node)[part]
 
 
 def check_output_dirs(argv: list[str]) -> None:
@@ -111,12 +137,20 @@ if __name__ == "__main__":
     from .sweep_check import check_sweep
 
     sys.argv[1:] = preflight(sys.argv[1:])  # deepspeed's --local_rank; sbatch for the SLURM launcher
+    from .compose import translate
+    from .config import ConfigError
+
+    try:
+        sys.argv[1:] = translate(sys.argv[1:])  # method.base=<name>: Hydra's method@method.base=<name>
+    except ConfigError as err:
+        refuse(str(err))
     check_group_choices(sys.argv[1:])
     check_keys(sys.argv[1:])
     check_output_dirs(sys.argv[1:])
     from .checks import check_values
+    from .distributed import check as check_distributed
 
-    check_values(sys.argv[1:])  # bad values exit 2 here, before Hydra makes a run dir
+    check_values(sys.argv[1:], more=(check_distributed,))  # bad values exit 2 here, before Hydra makes a run dir
     sys.argv[1:] = check_sweep(sys.argv[1:])  # -m: jobs that would train the same thing; --force
     from .resume import before_hydra
 

@@ -25,9 +25,11 @@ that, the first engine's gradient hooks break the second one's backward unless t
 destroyed). So a link is a short training inside the run, and this module is its schedule (link
 ends, ranks, warm-ups), its switch (commit or merge, re-init) and its state (records, checkpoints).
 
-`method.base` names the chained method (conf/method/<base>.yaml: lora, pissa, cola_fully,
-cola_random, cola_heuristic); the chain config's r / alpha / dropout / target_modules replace the
-base's, everything else (kind, init, strategy, num_A, num_B, impl) comes from the base file.
+`method.base` is the chained method's config, composed by Hydra from the defaults list
+(conf/method/chain_of_lora.yaml: `/method@base: lora`; `method.base=cola_heuristic` picks another);
+the chain config's r / alpha / dropout / target_modules replace the base's, everything else
+(kind, init, strategy, num_A, num_B, impl) comes from the base. The chain's rules are
+config.ChainSchema.check and checks.spanning.
 
 DeepSpeed: under ZeRO-3 the adapter factors (and each base weight, one layer at a time) are
 gathered for the merge and scattered back from rank 0; under ZeRO-2/3 the optimizer's fp32 master
@@ -63,21 +65,17 @@ from transformers import TrainerCallback
 from . import adapters
 from .adapters import fp32_path, peft_methods
 from .adapters.io import our_layers, require_info, unwrap
-from .config import ConfigError, MethodConfig
+from .checks import check_link_ends as _check_ends
+from .config import ConfigError, MethodConfig, base_name, link_ends, method_view
 from .models import upcast_trainable
 
 log = logging.getLogger("cola_train")
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 STATE_JSON = "chain_state.json"
 STATE_TENSORS = "chain_state.safetensors"
 FORMAT = "cola_train.chain/2"  # 2: the lr scheduler's step count in a checkpoint is global
 FORMAT_1 = "cola_train.chain/1"
 FROM_CHAIN = ("r", "alpha", "dropout", "target_modules", "svd", "svd_niter")   # per-link LoRA settings, the SVD of a PiSSA base
-MERGEABLE = "lora, pissa, cola_fully, cola_random, cola_heuristic"
-LINK_WARMUPS = ("scaled", "full")
-MERGES = ("factors", "weights")
-STEPLESS_SCHEDULES = ("reduce_lr_on_plateau", "greedy")  # not a function of the step: ColaTrainer.restart cannot restart them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,34 +87,28 @@ def _field(m, key):
 
 
 def base_method(method_cfg) -> MethodConfig:
-    """The MethodConfig of the chained adapter: conf/method/<base>.yaml with the chain's
-    r / alpha / dropout / target_modules (r: the first link's rank when rank_schedule is set)."""
-    from omegaconf import OmegaConf
-
-    base = _field(method_cfg, "base")
-    path = CONF / f"{base}.yaml"
-    options = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "chain_of_lora")
-    if not base or not path.is_file():
-        raise ConfigError(f"method.base={base!r} is not a method config; choose from: {', '.join(options)}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(path))
-        cfg = MethodConfig(**OmegaConf.to_container(merged, resolve=True))
-    except Exception as err:  # noqa: BLE001 - a broken YAML: one line naming the file
-        raise ConfigError(f"method.base={base!r}: {path} does not load ({str(err).splitlines()[0]})") from None
+    """The MethodConfig of the chained adapter: the composed `method.base` with the chain's
+    r / alpha / dropout / target_modules / svd / svd_niter (r: the first link's rank when
+    rank_schedule is set)."""
+    changes = {}
     for key in FROM_CHAIN:
         value = _field(method_cfg, key)
-        if key == "target_modules" and value is not None:
-            value = list(value)
-        setattr(cfg, key, value)
+        changes[key] = list(value) if key == "target_modules" and value is not None else value
     schedule = _field(method_cfg, "rank_schedule")
     if schedule:
-        cfg.r = int(schedule[0])
-    return cfg
+        changes["r"] = int(schedule[0])
+    base = _field(method_cfg, "base")
+    if isinstance(base, str):  # a config saved before the base was a node of it (runs before 2026-12-03)
+        from .compose import compose
+
+        base = compose([f"method={base}"]).method
+    return method_view(base, **changes)
 
 
 def adapter_method(method_cfg):
-    """What attach_adapter gets: the base method for a chain, the method itself otherwise."""
-    return base_method(method_cfg) if _field(method_cfg, "kind") == "chain" else method_cfg
+    """What attach_adapter gets, a typed MethodConfig: the base method's for a chain, the
+    method's own otherwise."""
+    return base_method(method_cfg) if _field(method_cfg, "kind") == "chain" else method_view(method_cfg)
 
 
 def link_ranks(m) -> List[int]:
@@ -128,87 +120,6 @@ def link_fractions(m) -> List[float]:
     fractions = _field(m, "link_fractions")
     links = int(_field(m, "links"))
     return [float(f) for f in fractions] if fractions else [1.0 / links] * links
-
-
-def link_ends(total_steps: int, fractions: List[float]) -> List[int]:
-    """The global step at which each link ends (the last one at total_steps)."""
-    ends = [int(math.floor(total_steps * math.fsum(fractions[: i + 1]) + 0.5)) for i in range(len(fractions) - 1)]
-    return ends + [int(total_steps)]
-
-
-def _check_ends(ends: List[int], fractions: List[float], where: str) -> None:
-    links = len(ends)
-    if ends[-1] < links:
-        raise ConfigError(f"method.links={links} needs at least {links} training steps, but {where} gives {ends[-1]}")
-    start = 0
-    for i, end in enumerate(ends):
-        if end <= start:
-            raise ConfigError(f"method.link_fractions={fractions} leaves link {i} with no steps "
-                              f"out of the {ends[-1]} that {where} gives")
-        start = end
-
-
-def check_config(cfg) -> None:
-    """The chain's rules (config.validate calls this for method.kind=chain): one ConfigError."""
-    from . import distributed
-    from .adapters.spec import AdapterError, validate as validate_adapter
-
-    m = cfg.method
-    links = m.links
-    if not isinstance(links, int) or links < 1:
-        raise ConfigError(f"method.links={links} must be an integer >= 1")
-    if m.link_fractions is not None:
-        fractions = [float(f) for f in m.link_fractions]
-        if len(fractions) != links:
-            raise ConfigError(f"method.link_fractions has {len(fractions)} entries but method.links={links}")
-        bad = [f for f in fractions if not f > 0]
-        if bad:
-            raise ConfigError(f"method.link_fractions={fractions} has a non-positive entry {bad[0]}")
-        if abs(math.fsum(fractions) - 1.0) > 1e-6:
-            raise ConfigError(f"method.link_fractions={fractions} sums to {math.fsum(fractions):g}, not 1")
-    if m.rank_schedule is not None:
-        ranks = list(m.rank_schedule)
-        if len(ranks) != links:
-            raise ConfigError(f"method.rank_schedule has {len(ranks)} entries but method.links={links}")
-        bad = [r for r in ranks if not isinstance(r, int) or r < 1]
-        if bad:
-            raise ConfigError(f"method.rank_schedule={ranks} has an entry {bad[0]!r} that is not an integer >= 1")
-        if len(set(ranks)) > 1 and (distributed.deepspeed_enabled(cfg) or cfg.trainer.devices > 1):
-            raise ConfigError(f"method.rank_schedule={ranks} changes the rank, which needs new parameter tensors: "
-                              f"it runs in one process without DeepSpeed only (use one rank for all links)")
-    if m.base == "chain_of_lora" or m.base == m.name:
-        raise ConfigError(f"method.base={m.base!r} is a chain itself; name the method to chain ({MERGEABLE})")
-    base = base_method(m)
-    if base.kind == "chain":
-        raise ConfigError(f"method.base={m.base!r} is a chain itself; name the method to chain ({MERGEABLE})")
-    if base.kind == "none":
-        raise ConfigError(f"method.base={m.base!r} is full fine-tuning: there is no adapter to merge ({MERGEABLE})")
-    if base.kind in ("hydralora", "mole"):
-        raise ConfigError(f"method.base={m.base!r} routes each token, so its update cannot be merged into the "
-                          f"weights; chain a mergeable method ({MERGEABLE})")
-    if base.kind == "peft" and base.use_dora:
-        raise ConfigError(f"method.base={m.base!r}: a merged DoRA update is not low-rank and cannot be committed; "
-                          f"chain a mergeable method ({MERGEABLE})")
-    try:
-        validate_adapter(base)
-    except AdapterError as err:
-        raise ConfigError(f"method.base={m.base!r}: {err}") from None
-    if m.merge not in MERGES:
-        raise ConfigError(f"method.merge={m.merge!r} is not one of {', '.join(MERGES)}")
-    if m.link_warmup not in LINK_WARMUPS:
-        raise ConfigError(f"method.link_warmup={m.link_warmup!r} is not one of {', '.join(LINK_WARMUPS)}")
-    if links > 1 and m.restart_lr and distributed.deepspeed_enabled(cfg) \
-            and "scheduler" in distributed.deepspeed_config(cfg):
-        raise ConfigError(f"method.restart_lr=true restarts the trainer's schedule, but deepspeed={cfg.deepspeed.name} "
-                          f"brings its own scheduler; drop deepspeed.config.scheduler or set method.restart_lr=false")
-    if links > 1 and m.restart_lr and cfg.trainer.scheduler in STEPLESS_SCHEDULES:
-        raise ConfigError(f"method.restart_lr=true restarts the learning-rate schedule at each link, but "
-                          f"trainer.scheduler={cfg.trainer.scheduler!r} is not a schedule over steps; choose "
-                          f"another trainer.scheduler or set method.restart_lr=false")
-    if cfg.trainer.max_steps > 0:
-        fractions = link_fractions(m)
-        steps = cfg.trainer.max_steps
-        _check_ends(link_ends(steps, fractions), fractions, f"trainer.max_steps={steps}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +274,7 @@ class ChainSchedule(TrainerCallback):
         m = cfg.method
         self.trainer = trainer
         self.seed = int(cfg.seed)
-        self.base = m.base
+        self.base = base_name(m.base)
         self.links = int(m.links)
         self.fractions = link_fractions(m)
         self.ranks = link_ranks(m)

@@ -1,13 +1,17 @@
 """What must be true before the model is built, checked before the model is built.
 
-`config.validate` judges the values; these checks judge the world the values point at: the
-training data (on disk, or a hub that answers), the benchmark files, ranks that fit the layers
-they adapt, DeepSpeed importable, W&B credentials. Each of these used to fail late: after a 52 s
-model load, after every rank printed the same traceback, or after the whole training run, when
-the benchmark could not find its files and the trained adapter was never written. Each failure
-here is one line (DataError, EvalDataError or ConfigError, which errors.py prints as `error: ...`).
+`validate` judges the values: each group's schema checks its own fields (config.py, `check()`),
+and the rules here judge how groups combine (method x trainer x deepspeed ...). This module sits
+above config and below run; it reaches only down (config, batching, data, eval, models, adapters,
+regional_compile), never into chain, distributed or run, which import it. The DeepSpeed-vs-trainer
+and device-count rules are distributed.check, which the callers run after `validate`.
 
-Lower layers only (config, data, eval, models, adapters): distributed and run import this module.
+The other checks judge the world the values point at: the training data (on disk, or a hub that
+answers), the benchmark files, ranks that fit the layers they adapt, DeepSpeed importable, W&B
+credentials. Each of these used to fail late: after a 52 s model load, after every rank printed
+the same traceback, or after the whole training run, when the benchmark could not find its files
+and the trained adapter was never written. Each failure here is one line (DataError, EvalDataError
+or ConfigError, which errors.py prints as `error: ...`).
 
 `check_values` runs in __main__ on the composed config, before Hydra makes a run dir, so a bad
 value leaves no folder named like a run. `before_model` runs in run.py before the model is built,
@@ -32,32 +36,101 @@ log = logging.getLogger("cola_train")
 # values, before Hydra makes a run dir
 
 
-def check_values(argv: list[str]) -> None:
-    """`validate` on the config these overrides compose to; a bad value exits 2 in one line.
+def check_values(argv: list[str], more=()) -> None:
+    """`validate` (then each of `more`, e.g. distributed.check) on the config these overrides
+    compose to; a bad value, or a config that does not compose for a reason compose.one_line
+    knows (a key the schema lacks, a value outside its enum), exits 2 in one line.
 
     Only for a single run: a multirun (or any Hydra flag: --cfg, --help, ...) goes to Hydra, and
     each of its jobs validates (its dir then records the failure). Imports neither torch nor
     transformers, so `data.fraction=-1` fails in about a second. A config that does not compose
-    is left to Hydra, which reports it its own way.
+    for another reason is left to Hydra, which reports it its own way.
     """
     if any(a.startswith("-") for a in argv):
         return
     overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
     from .compose import compose
-    from .config import validate
 
     try:
-        cfg = compose(overrides)
-    except Exception:  # noqa: BLE001 - Hydra's own error path says it
-        return
-    try:
+        try:
+            cfg = compose(overrides)
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - Hydra's own error path says it
+            return
         validate(cfg)
         from .data.custom import check_config
 
         check_config(cfg.data)  # data=custom: data.path is a file or a folder of them
+        for check in more:
+            check(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def validate(cfg) -> None:
+    """Every rule on the values; raise ConfigError with one line. Also sets trainer.grad_accum
+    from trainer.effective_batch (the one value derived here, batching.py), on `cfg` itself."""
+    from .batching import apply_effective_batch
+    from .config import typed as typed_config
+    from .data.sampling import check_sample_config
+
+    apply_effective_batch(cfg)
+    typed = typed_config(cfg)
+    check_sample_config(typed.data)
+    typed.check()           # each group's own fields (config.py)
+    spanning(typed)
+
+
+def spanning(cfg) -> None:
+    """The rules that involve more than one group (cfg: the typed Config)."""
+    from .config import Kind, link_ends
+
+    t, m, ds = cfg.trainer, cfg.method, cfg.deepspeed.name
+    if t.fp32_adapter_path and (not t.master_weights or ds != "none"):
+        raise ConfigError("trainer.fp32_adapter_path=true needs fp32 adapter weights in the model: "
+                          f"trainer.master_weights=true and deepspeed=none (got master_weights="
+                          f"{str(t.master_weights).lower()}, deepspeed={ds})")
+    if t.compile and ds != "none":
+        raise ConfigError(f"trainer.compile=true runs without DeepSpeed only (got deepspeed={ds})")
+    if t.compile:
+        from .regional_compile import check as check_compile  # imports torch: only when asked
+
+        check_compile(cfg)
+    if m.kind != Kind.chain:
+        return
+    ranks = list(m.rank_schedule or [])
+    if len(set(ranks)) > 1 and (ds != "none" or t.devices > 1):
+        raise ConfigError(f"method.rank_schedule={ranks} changes the rank, which needs new parameter tensors: "
+                          f"it runs in one process without DeepSpeed only (use one rank for all links)")
+    if m.links > 1 and m.restart_lr and ds != "none" and "scheduler" in (cfg.deepspeed.config or {}):
+        raise ConfigError(f"method.restart_lr=true restarts the trainer's schedule, but deepspeed={ds} "
+                          f"brings its own scheduler; drop deepspeed.config.scheduler or set method.restart_lr=false")
+    if m.links > 1 and m.restart_lr and t.scheduler in STEPLESS_SCHEDULES:
+        raise ConfigError(f"method.restart_lr=true restarts the learning-rate schedule at each link, but "
+                          f"trainer.scheduler={t.scheduler!r} is not a schedule over steps; choose "
+                          f"another trainer.scheduler or set method.restart_lr=false")
+    if t.max_steps > 0:
+        fractions, steps = m.fractions(), t.max_steps
+        check_link_ends(link_ends(steps, fractions), fractions, f"trainer.max_steps={steps}")
+
+
+# learning-rate schedules that are not a function of the step: ColaTrainer.restart cannot restart them
+STEPLESS_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+
+
+def check_link_ends(ends: list[int], fractions: list[float], where: str) -> None:
+    """Every link of a chain gets at least one of the steps `where` gives."""
+    links = len(ends)
+    if ends[-1] < links:
+        raise ConfigError(f"method.links={links} needs at least {links} training steps, but {where} gives {ends[-1]}")
+    start = 0
+    for i, end in enumerate(ends):
+        if end <= start:
+            raise ConfigError(f"method.link_fractions={fractions} leaves link {i} with no steps "
+                              f"out of the {ends[-1]} that {where} gives")
+        start = end
 
 
 # ----------------------------------------------------------------------------------------------

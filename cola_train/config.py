@@ -1,25 +1,143 @@
-"""Typed schemas for every config group.
+"""Typed schemas for every config group, and the one list of every choice.
 
-Hydra merges each group's YAML into these dataclasses, so a misspelt key or a value of the
-wrong type fails at compose time with a message naming the key. Cross-field rules that a type
-cannot express live in `validate`, which the run calls before touching a model or a file.
+Hydra merges each group's YAML into these dataclasses, so a misspelt key, a value of the wrong
+type or a choice outside its enum fails at compose time with a message naming the key (and the
+allowed values). Each method option has the schema of its kind (`method=lora method.num_B=3`
+fails: LoRA has no num_B). Rules a type cannot express are each schema's `check()`; the rules that
+span groups are in checks.py, above this module. This module imports nothing else of cola_train:
+everything else imports it.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from enum import StrEnum
+from typing import Any, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 
 class ConfigError(ValueError):
     """A bad value in the composed config: printed as one line, never as a traceback."""
 
 
+# ----------------------------------------------------------------------------------------------
+# the choices: written once, here. StrEnum members compare and hash as their text, so
+# `cfg.method.kind == "peft"` and dict lookups by name keep working.
+
+
+class Kind(StrEnum):
+    """What a method attaches: none (full fine-tuning), peft (LoRA/DoRA/PiSSA via PEFT), our
+    cola / hydralora / mole layers, or chain (a schedule around another method)."""
+    none = "none"
+    peft = "peft"
+    cola = "cola"
+    hydralora = "hydralora"
+    mole = "mole"
+    chain = "chain"
+
+
+class Init(StrEnum):
+    lora = "lora"          # Kaiming A, zero B
+    pissa = "pissa"        # W's top-r SVD part (docs/INIT.md)
+
+
+class Svd(StrEnum):
+    lowrank = "lowrank"    # torch.svd_lowrank, seeded
+    exact = "exact"        # torch.linalg.svd
+
+
+class Strategy(StrEnum):
+    fully = "fully"
+    random = "random"
+    heuristic = "heuristic"
+
+
+class Impl(StrEnum):
+    fused = "fused"
+    loop = "loop"          # the per-pair oracle
+
+
+class Pairing(StrEnum):
+    paper = "paper"        # the paper's formula
+    code = "code"          # the authors' released code
+
+
+class Merge(StrEnum):
+    factors = "factors"
+    weights = "weights"
+
+
+class LinkWarmup(StrEnum):
+    scaled = "scaled"
+    full = "full"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Family(StrEnum):
+    llama = "llama"
+    opt = "opt"
+
+
+class Kernels(StrEnum):
+    auto = "auto"
+    liger = "liger"
+    none = "none"
+
+
+class Template(StrEnum):
+    chat = "chat"
+    plain = "plain"
+
+
+class LoggerName(StrEnum):
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    none = "none"
+
+
+class DataFormat(StrEnum):
+    auto = "auto"
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+    messages = "messages"
+    text = "text"
+
+
+class TooLong(StrEnum):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class LoggerMode(StrEnum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Scoring(StrEnum):
+    letter = "letter"
+    cloze = "cloze"
+
+
+def choices(enum: type[StrEnum]) -> tuple[str, ...]:
+    """The allowed values of a choice, in order, as plain text."""
+    return tuple(member.value for member in enum)
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2_135m"
-    family: str = "llama"                      # llama | opt: picks default target modules
+    family: Family = Family.llama              # llama | opt: picks default target modules
     hub_id: Optional[str] = None               # e.g. meta-llama/Llama-3.1-8B
     path: Optional[str] = None                 # local dir (overrides hub_id)
     gguf_file: Optional[str] = None            # file name inside `path` (or a package spec, see models.py)
@@ -28,12 +146,227 @@ class ModelConfig:
     arch: Dict[str, Any] = field(default_factory=dict)   # AutoConfig kwargs for random_init
     tokenizer: Optional[str] = None            # hub id / dir; "bytes" = built-in byte tokenizer
     target_modules: List[str] = field(default_factory=list)
-    dtype: str = "auto"                        # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    dtype: Precision = Precision.auto          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     gradient_checkpointing: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# methods: one schema per kind, so a key a method does not have fails at compose time
+
+
+@dataclass
+class MethodSchema:
+    """What every method has. Each conf/method/<name>.yaml starts from the schema of its kind
+    (`defaults: [<kind>_schema, _self_]`), so `method=lora method.num_B=3` fails at compose time
+    naming the key: LoRA has no num_B. `check()` holds the rules a type cannot express."""
+    name: str = MISSING
+    kind: Kind = MISSING
+
+    def check(self, where: str = "method") -> None:
+        """Rules on this method's own fields: ConfigError naming the key (`where`: method, or
+        method.base for a chain's base)."""
+
+
+@dataclass
+class FullFinetuneSchema(MethodSchema):
+    """No adapter: every weight trains (kind none)."""
+    kind: Kind = Kind.none
+
+
+@dataclass
+class AdapterSchema(MethodSchema):
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None  # None: the model's own list
+
+    def check(self, where: str = "method") -> None:
+        if self.r < 1:
+            raise ConfigError(f"{where}.r={self.r} must be >= 1")
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha={self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout={self.dropout} is outside [0, 1)")
+        svd_niter = getattr(self, "svd_niter", 0)
+        if svd_niter < 0:
+            raise ConfigError(f"{where}.svd_niter={svd_niter} must be >= 0")
+        for key in ("num_A", "num_B"):
+            value = getattr(self, key, 1)
+            if value < 1:
+                raise ConfigError(f"{where}.{key}={value} must be >= 1")
+
+
+@dataclass
+class PeftSchema(AdapterSchema):
+    """LoRA, DoRA, PiSSA through HF PEFT: one A, one B."""
+    kind: Kind = Kind.peft
+    init: Init = Init.lora                     # lora (Kaiming A, zero B) | pissa
+    # PiSSA-style inits: how W's top-r part is found (adapters/init.py, docs/INIT.md)
+    svd: Svd = Svd.lowrank                     # lowrank (torch.svd_lowrank, seeded) | exact (torch.linalg.svd)
+    svd_niter: int = 16                        # lowrank's power iterations (the paper's PiSSA baseline: 16)
+    use_dora: bool = False
+
+
+@dataclass
+class ColaSchema(AdapterSchema):
+    """CoLA: num_A down- and num_B up-projections and a rule that pairs them."""
+    kind: Kind = Kind.cola
+    strategy: Strategy = Strategy.fully
+    num_A: int = 1
+    num_B: int = 1
+    impl: Impl = Impl.fused                    # fused | loop (the per-pair oracle)
+    pairing: Pairing = Pairing.paper           # heuristic: paper (the paper's formula) | code (the authors' code)
+    init: Init = Init.lora
+    svd: Svd = Svd.lowrank
+    svd_niter: int = 16
+
+
+@dataclass
+class HydraLoraSchema(AdapterSchema):
+    """HydraLoRA: one shared A, num_B heads, a per-token router."""
+    kind: Kind = Kind.hydralora
+    num_A: int = 1
+    num_B: int = 3
+    init: Init = Init.lora
+    svd: Svd = Svd.lowrank
+    svd_niter: int = 16
+
+    def check(self, where: str = "method") -> None:
+        super().check(where)
+        if self.num_A != 1:
+            raise ConfigError(f"hydralora shares one A across its B heads: num_A must be 1, got {self.num_A}")
+        if self.num_B < 2:
+            raise ConfigError(f"hydralora needs num_B >= 2 heads to route between, got {self.num_B} (use method lora)")
+
+
+@dataclass
+class MoleSchema(AdapterSchema):
+    """A gated mixture of num_A (A_i, B_i) LoRA experts with a balance loss."""
+    kind: Kind = Kind.mole
+    num_A: int = 3
+    num_B: int = 3
+    init: Init = Init.lora
+    balance_coef: float = 0.01
+    expert_paths: List[str] = field(default_factory=list)
+    freeze_experts: bool = False
+
+    def check(self, where: str = "method") -> None:
+        super().check(where)
+        if self.num_A < 2:
+            raise ConfigError(f"mole needs num_A >= 2 experts to gate between, got {self.num_A} (use method lora)")
+        if self.num_B != self.num_A:
+            raise ConfigError(f"mole experts are (A_i, B_i) pairs: num_B must equal num_A={self.num_A}, got {self.num_B}")
+        if self.balance_coef < 0:
+            raise ConfigError(f"{where}.balance_coef={self.balance_coef} must be >= 0")
+        if self.init == Init.pissa:
+            # issue #23, measured: every expert starts from the same top-r SVD part, the gate sees
+            # identical experts, gets no gradient to tell them apart (it moved 1.6e-11) and they stay equal
+            raise ConfigError(f"method={self.name} with {where}.init=pissa is degenerate: a routed mixture (kind "
+                              "mole) whose experts all start from the same SVD part keeps the gate and every "
+                              f"expert identical; use {where}.init=lora")
+        if self.expert_paths and len(self.expert_paths) != self.num_A:
+            raise ConfigError(f"mole has num_A={self.num_A} experts but {len(self.expert_paths)} expert_paths were given")
+        if self.freeze_experts and not self.expert_paths:
+            raise ConfigError(f"{where}.freeze_experts=true needs expert_paths (frozen untrained experts add nothing)")
+
+
+MERGEABLE = (Kind.peft, Kind.cola)   # a chain's base: an update that merges exactly into the weights
+
+
+@dataclass
+class ChainSchema(AdapterSchema):
+    """Chain of LoRA: a schedule around another method, `base`, which comes from the defaults
+    list (`/method@base: lora` in conf/method/chain_of_lora.yaml; `method.base=<name>` on the
+    command line, see compose.translate). r / alpha / dropout / target_modules / svd / svd_niter
+    here replace the base's."""
+    kind: Kind = Kind.chain
+    base: Any = MISSING                        # the base method's schema node
+    links: int = 1
+    link_fractions: Optional[List[float]] = None
+    rank_schedule: Optional[List[int]] = None
+    restart_lr: bool = True
+    link_warmup: LinkWarmup = LinkWarmup.scaled  # scaled | full: each link's share of the warm-up, or all of it
+    merge: Merge = Merge.factors               # factors (exact, beside the weights) | weights (W += BA, rounds)
+    svd: Svd = Svd.lowrank
+    svd_niter: int = 16
+
+    def base_name(self) -> str:
+        return base_name(self.base)
+
+    def fractions(self) -> List[float]:
+        """Each link's share of the steps (equal shares when link_fractions is null)."""
+        if self.link_fractions:
+            return [float(f) for f in self.link_fractions]
+        return [1.0 / self.links] * self.links
+
+    def check(self, where: str = "method") -> None:
+        super().check(where)
+        links = self.links
+        if links < 1:
+            raise ConfigError(f"{where}.links={links} must be an integer >= 1")
+        if self.link_fractions is not None:
+            fractions = [float(f) for f in self.link_fractions]
+            if len(fractions) != links:
+                raise ConfigError(f"{where}.link_fractions has {len(fractions)} entries but {where}.links={links}")
+            bad = [f for f in fractions if not f > 0]
+            if bad:
+                raise ConfigError(f"{where}.link_fractions={fractions} has a non-positive entry {bad[0]}")
+            if abs(math.fsum(fractions) - 1.0) > 1e-6:
+                raise ConfigError(f"{where}.link_fractions={fractions} sums to {math.fsum(fractions):g}, not 1")
+        if self.rank_schedule is not None:
+            ranks = list(self.rank_schedule)
+            if len(ranks) != links:
+                raise ConfigError(f"{where}.rank_schedule has {len(ranks)} entries but {where}.links={links}")
+            bad = [r for r in ranks if not isinstance(r, int) or r < 1]
+            if bad:
+                raise ConfigError(f"{where}.rank_schedule={ranks} has an entry {bad[0]!r} that is not an integer >= 1")
+        base, name = self.base, self.base_name()
+        label = f"{where}.base={name!r}"
+        mergeable = ", ".join(CHAIN_BASES)
+        if not isinstance(base, MethodSchema) or base.kind == Kind.chain:
+            raise ConfigError(f"{label} is a chain itself; name the method to chain ({mergeable})")
+        if base.kind == Kind.none:
+            raise ConfigError(f"{label} is full fine-tuning: there is no adapter to merge ({mergeable})")
+        if base.kind not in MERGEABLE:
+            raise ConfigError(f"{label} routes each token, so its update cannot be merged into the "
+                              f"weights; chain a mergeable method ({mergeable})")
+        if getattr(base, "use_dora", False):
+            raise ConfigError(f"{label}: a merged DoRA update is not low-rank and cannot be committed; "
+                              f"chain a mergeable method ({mergeable})")
+        try:
+            base.check(f"{where}.base")
+        except ConfigError as err:
+            raise ConfigError(f"{label}: {err}") from None
+
+
+# the options a chain may take as its base (conf/method/*.yaml whose kind merges exactly)
+CHAIN_BASES = ("lora", "pissa", "cola_fully", "cola_random", "cola_heuristic")
+
+# kind -> its schema: the ConfigStore entry conf/method/<name>.yaml names in its defaults
+METHOD_SCHEMAS: Dict[Kind, type] = {
+    Kind.none: FullFinetuneSchema, Kind.peft: PeftSchema, Kind.cola: ColaSchema,
+    Kind.hydralora: HydraLoraSchema, Kind.mole: MoleSchema, Kind.chain: ChainSchema,
+}
+
+
+def schema_name(kind: Kind) -> str:
+    return f"{kind.value}_schema"
+
+
+def base_name(base: Any) -> str:
+    """The chain base's method name, from its node (or a plain name, as older configs saved it)."""
+    if isinstance(base, str):
+        return base
+    if isinstance(base, Mapping):
+        return str(base.get("name"))
+    return str(getattr(base, "name", base))
 
 
 @dataclass
 class MethodConfig:
+    """Every method field at once, with defaults: what the adapters read (adapters/spec.py
+    builds one from a method node), so a backend can ask any method for num_B (1 for LoRA). The
+    schemas above are what a config may set; this is what a layer sees."""
     name: str = "lora"
     # lora | dora | pissa go through PEFT; cola / hydralora / mole are ours; none = full fine-tuning
     kind: str = "peft"                         # none | peft | cola | hydralora | mole | chain
@@ -42,7 +375,6 @@ class MethodConfig:
     dropout: float = 0.05
     target_modules: Optional[List[str]] = None  # None: the model's own list
     init: str = "lora"                         # lora (Kaiming A, zero B) | pissa
-    # PiSSA-style inits: how W's top-r part is found (adapters/init.py, docs/INIT.md)
     svd: str = "lowrank"                       # lowrank (torch.svd_lowrank, seeded) | exact (torch.linalg.svd)
     svd_niter: int = 16                        # lowrank's power iterations (the paper's PiSSA baseline: 16)
     use_dora: bool = False
@@ -57,13 +389,52 @@ class MethodConfig:
     expert_paths: List[str] = field(default_factory=list)
     freeze_experts: bool = False
     # Chain of LoRA: a schedule around another adapter (`base`)
-    base: str = "lora"
+    base: Any = "lora"
     links: int = 1
     link_fractions: Optional[List[float]] = None
     rank_schedule: Optional[List[int]] = None
     restart_lr: bool = True
     link_warmup: str = "scaled"                # scaled | full: each link's share of the warm-up, or all of it
     merge: str = "factors"                     # factors (exact, beside the weights) | weights (W += BA, rounds)
+
+
+def method_view(method: Any, **changes) -> MethodConfig:
+    """The MethodConfig (every field) of a method schema object, node or mapping, with `changes`."""
+    if dataclasses.is_dataclass(method):
+        values = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+    else:
+        try:
+            from omegaconf import OmegaConf
+
+            if OmegaConf.is_config(method):
+                method = OmegaConf.to_container(method, resolve=True)
+        except ImportError:  # pragma: no cover
+            pass
+        values = dict(method)
+    known = {f.name for f in dataclasses.fields(MethodConfig)}
+    plain = lambda v: v.value if isinstance(v, StrEnum) else v  # noqa: E731 - the layers get plain text
+    return MethodConfig(**{k: plain(v) for k, v in {**values, **changes}.items() if k in known})
+
+
+def saved_in_this_layout(saved: dict, now: dict) -> dict:
+    """A config saved before each method had the schema of its kind (runs before 2026-12-03: every
+    method field filled in, a chain's base a name), as this layout writes it, so a resume or a
+    re-run sweep compares like with like. A field the method's schema lacks is dropped where it
+    holds the all-methods default (it meant nothing for that method; any other value stays, and
+    shows as a change); a base saved as a name stands for today's base node of that name (the old
+    code read conf/method/<base>.yaml then, as Hydra composes it now)."""
+    method = saved.get("method") if isinstance(saved, dict) else None
+    schema = METHOD_SCHEMAS.get(method.get("kind")) if isinstance(method, dict) else None
+    if schema is None:
+        return saved
+    fields = {f.name for f in dataclasses.fields(schema)}
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(MethodConfig)}
+    method = {k: v for k, v in method.items() if k in fields or k not in defaults or v != defaults[k]}
+    now_base = (now.get("method") or {}).get("base") if isinstance(now, dict) else None
+    if isinstance(method.get("base"), str) and isinstance(now_base, dict) and now_base.get("name") == method["base"]:
+        method["base"] = now_base
+    return {**saved, "method": method}
 
 
 @dataclass
@@ -86,12 +457,17 @@ class DataConfig:
     val_fraction: float = 0.1                  # held out from the pool, same for every seed
     max_val_samples: int = 200
     cutoff_len: int = 1024
-    template: str = "chat"                     # chat (model's template, fallback plain) | plain
+    template: Template = Template.chat         # chat (model's template, fallback plain) | plain
     # own data (data=custom, data/custom.py, docs/DATA.md)
     path: Optional[str] = None                 # a .json / .jsonl file or a folder of them
-    format: str = "auto"                       # auto | alpaca | sharegpt | messages | text
+    format: DataFormat = DataFormat.auto       # auto | alpaca | sharegpt | messages | text
     skip_bad_rows: bool = False                # skip (and count) bad records instead of stopping
-    too_long: str = "truncate"                 # records past cutoff_len: truncate | drop (counted)
+    too_long: TooLong = TooLong.truncate       # records past cutoff_len: truncate | drop (counted)
+
+    def check(self) -> None:
+        # fraction / max_samples / val_fraction: data.sampling.check_sample_config (checks.py calls it)
+        if self.cutoff_len < 8:
+            raise ConfigError(f"data.cutoff_len={self.cutoff_len} must be >= 8")
 
 
 @dataclass
@@ -108,11 +484,11 @@ class TrainerConfig:
     scheduler: str = "cosine"
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
-    precision: str = "auto"                    # auto | bf16 | fp16 | fp32
+    precision: Precision = Precision.auto      # auto | bf16 | fp16 | fp32
     master_weights: bool = True                # bf16/fp16 without DeepSpeed: fp32 trainable weights
     fp32_adapter_path: bool = False            # bf16/fp16: the adapters' low-rank path in fp32 (fp32_path.py)
     compile: bool = False                      # torch.compile each transformer block (regional_compile.py)
-    kernels: str = "auto"                      # auto | liger | none: fused model kernels under the adapters (kernels.py)
+    kernels: Kernels = Kernels.auto            # auto | liger | none: fused model kernels under the adapters (kernels.py)
     # round each batch's padded length up (collate.py): auto = 64 on a CUDA device, none on a CPU
     pad_to_multiple_of: Any = "auto"
     profile_steps: int = 0                     # >0: torch profiler over that many steps (profiling.py, profile.txt)
@@ -124,11 +500,25 @@ class TrainerConfig:
     devices: int = 1
     num_workers: int = 0
 
+    def check(self) -> None:
+        for key in ("batch_size", "grad_accum", "devices"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"trainer.lr={self.lr} must be > 0")
+        pad = self.pad_to_multiple_of
+        if pad != "auto" and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise ConfigError(f"trainer.pad_to_multiple_of={pad!r} must be auto or an integer >= 1")
+        if self.profile_steps < 0:
+            raise ConfigError(f"trainer.profile_steps={self.profile_steps} must be >= 0 (0: no profile)")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError(f"trainer.epochs={self.epochs} must be > 0 when trainer.max_steps <= 0")
+
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"                         # wandb | tensorboard | mlflow | none (loggers.py)
-    mode: str = "offline"                      # online | offline | disabled
+    name: LoggerName = LoggerName.none         # wandb | tensorboard | mlflow | none (loggers.py)
+    mode: LoggerMode = LoggerMode.offline      # online | offline | disabled
     project: str = "cola_train"
     entity: Optional[str] = None
 
@@ -149,6 +539,11 @@ class EvalConfig:
     # log-likelihood): a name or a list; the first one fills benchmark.accuracy (eval/scoring.py)
     scoring: Any = field(default_factory=lambda: ["letter"])
 
+    def check(self) -> None:
+        scoring_list(self.scoring)
+        if self.max_examples is not None and self.max_examples < 1:  # else select_subset fails after training
+            raise ConfigError(f"eval.max_examples={self.max_examples} must be >= 1 (or null: every question)")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -159,7 +554,7 @@ class DeepSpeedConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Any = MISSING                      # the chosen option's schema (METHOD_SCHEMAS)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -168,29 +563,34 @@ class Config:
     seed: int = 42
     output_dir: Optional[str] = None           # default: Hydra's run dir
 
+    def check(self) -> None:
+        """Every group's own rules (checks.validate adds the ones that span groups)."""
+        self.trainer.check()
+        self.data.check()
+        self.method.check()
+        self.eval.check()
+
 
 def register_schemas() -> None:
-    ConfigStore.instance().store(name="schema", node=Config)
+    """The top-level schema, and one schema per method kind in group `method` (what
+    conf/method/<name>.yaml names first in its defaults list)."""
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for kind, schema in METHOD_SCHEMAS.items():
+        store.store(group="method", name=schema_name(kind), node=schema)
 
 
-_CHOICES = {
-    "method.kind": ("none", "peft", "cola", "hydralora", "mole", "chain"),
-    "method.strategy": ("fully", "random", "heuristic"),
-    "method.init": ("lora", "pissa"),
-    "method.svd": ("lowrank", "exact"),
-    "method.impl": ("fused", "loop"),
-    "method.pairing": ("paper", "code"),
-    "data.template": ("chat", "plain"),
-    "data.format": ("auto", "alpaca", "sharegpt", "messages", "text"),
-    "data.too_long": ("truncate", "drop"),
-    "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
-    "trainer.kernels": ("auto", "liger", "none"),
-    "logger.name": ("wandb", "tensorboard", "mlflow", "none"),
-    "logger.mode": ("online", "offline", "disabled"),
-}
+def typed(cfg) -> Config:
+    """The composed config as dataclasses (each method its own schema): OmegaConf.to_object on a
+    DictConfig, a Config as it is."""
+    if isinstance(cfg, Config):
+        return cfg
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg)
 
 
-SCORINGS = ("letter", "cloze")
+SCORINGS = choices(Scoring)
 
 
 def scoring_list(value) -> List[str]:
@@ -199,71 +599,11 @@ def scoring_list(value) -> List[str]:
     if not names or any(n not in SCORINGS for n in names) or len(set(names)) != len(names):
         shown = value if isinstance(value, str) else "[" + ",".join(map(str, names)) + "]"
         raise ConfigError(f"eval.scoring={shown} must be one or more distinct of {', '.join(SCORINGS)}")
-    return names
+    return [str(n) for n in names]
 
 
-def _get(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part) if not isinstance(cfg, dict) else cfg[part]
-    return cfg
-
-
-def validate(cfg) -> None:
-    """Cross-field checks that types cannot express; raise ConfigError with one line. Also sets
-    trainer.grad_accum from trainer.effective_batch (the one value derived here, batching.py)."""
-    from .batching import apply_effective_batch
-
-    for key, allowed in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    apply_effective_batch(cfg)
-    scoring_list(cfg.eval.scoring)
-    d, t, m = cfg.data, cfg.trainer, cfg.method
-    from .data.sampling import check_sample_config
-
-    check_sample_config(d)
-    if d.cutoff_len < 8:
-        raise ConfigError(f"data.cutoff_len={d.cutoff_len} must be >= 8")
-    for key in ("batch_size", "grad_accum", "devices"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 1")
-    if t.lr <= 0:
-        raise ConfigError(f"trainer.lr={t.lr} must be > 0")
-    pad = t.pad_to_multiple_of
-    if pad != "auto" and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
-        raise ConfigError(f"trainer.pad_to_multiple_of={pad!r} must be auto or an integer >= 1")
-    if t.profile_steps < 0:
-        raise ConfigError(f"trainer.profile_steps={t.profile_steps} must be >= 0 (0: no profile)")
-    if t.max_steps <= 0 and t.epochs <= 0:
-        raise ConfigError(f"trainer.epochs={t.epochs} must be > 0 when trainer.max_steps <= 0")
-    if t.fp32_adapter_path and (not t.master_weights or cfg.deepspeed.name != "none"):
-        raise ConfigError("trainer.fp32_adapter_path=true needs fp32 adapter weights in the model: "
-                          f"trainer.master_weights=true and deepspeed=none (got master_weights="
-                          f"{str(t.master_weights).lower()}, deepspeed={cfg.deepspeed.name})")
-    if t.compile and cfg.deepspeed.name != "none":
-        raise ConfigError(f"trainer.compile=true runs without DeepSpeed only (got deepspeed={cfg.deepspeed.name})")
-    if t.compile:
-        from .regional_compile import check as check_compile
-
-        check_compile(cfg)
-    if m.kind != "none":
-        for key in ("r", "num_A", "num_B"):
-            if getattr(m, key) < 1:
-                raise ConfigError(f"method.{key}={getattr(m, key)} must be >= 1")
-        if m.alpha <= 0:
-            raise ConfigError(f"method.alpha={m.alpha} must be > 0")
-        if not 0 <= m.dropout < 1:
-            raise ConfigError(f"method.dropout={m.dropout} is outside [0, 1)")
-        if m.svd_niter < 0:
-            raise ConfigError(f"method.svd_niter={m.svd_niter} must be >= 0")
-    e = cfg.eval
-    if e.max_examples is not None and e.max_examples < 1:  # else select_subset fails after training
-        raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 1 (or null: every question)")
-    if m.kind == "chain":
-        from .chain import check_config as check_chain
-
-        check_chain(cfg)  # links, fractions, rank schedule, the chained base method
-    from .distributed import check as check_distributed
-
-    check_distributed(cfg)  # DeepSpeed vs trainer, trainer.devices vs GPUs
+def link_ends(total_steps: int, fractions: List[float]) -> List[int]:
+    """The global step at which each link of a chain ends (the last one at total_steps): the
+    schedule chain.py runs and checks.py checks against trainer.max_steps."""
+    ends = [int(math.floor(total_steps * math.fsum(fractions[: i + 1]) + 0.5)) for i in range(len(fractions) - 1)]
+    return ends + [int(total_steps)]

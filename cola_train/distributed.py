@@ -763,12 +763,13 @@ def job(cfg, out: Path, run, sweeping: bool):
     trainer.devices asks for it, else run here."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .config import validate
+    from .checks import validate
 
     adopt_slurm_tasks()
     hc = HydraConfig.get()
     if should_spawn(cfg):
         validate(cfg)  # bad input stops here, once, before any rank starts
+        check(cfg)  # DeepSpeed vs trainer, devices vs GPUs (checks.py may not import this module)
         from .resume import check as check_resume
 
         check_resume(cfg, out, resuming(out))  # and a resume with another config

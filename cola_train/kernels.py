@@ -22,8 +22,6 @@ import logging
 
 log = logging.getLogger("cola_train")
 
-CHOICES = ("auto", "liger", "none")
-
 
 def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
@@ -32,8 +30,9 @@ def liger_installed() -> bool:
 def choose(kernels: str, family: str, cuda: bool) -> tuple[str, str]:
     """(what to use, why): `kernels` resolved for this model family and machine. `liger` asked
     for where it cannot run is a ConfigError (one line); `auto` falls back quietly but says so."""
-    from .config import ConfigError
+    from .config import ConfigError, Kernels, choices
 
+    CHOICES = choices(Kernels)
     if kernels not in CHOICES:
         raise ConfigError(f"trainer.kernels={kernels!r} is not one of {', '.join(CHOICES)}")
     if kernels == "none":

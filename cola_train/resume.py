@@ -144,8 +144,10 @@ def differences(saved: dict, cfg) -> dict:
     """{dotted key: [saved value, this value]} for every key that differs, RESUME_ONLY aside."""
     from omegaconf import DictConfig, OmegaConf
 
+    from .config import saved_in_this_layout
+
     now = _plain(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else _plain(cfg)
-    old, new = _flat(_plain(saved)), _flat(now)
+    old, new = _flat(_plain(saved_in_this_layout(_plain(saved), now))), _flat(now)  # runs saved before #24
     return {k: [old.get(k, _ABSENT), new.get(k, _ABSENT)] for k in sorted(old.keys() | new.keys())
             if not _resume_only(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT)}
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, checks, collate, distributed, kernels, loggers, profiling, resume as resuming
-from .config import validate
+from . import adapters, chain, checks, collate, config, distributed, kernels, loggers, profiling, resume as resuming
+from .checks import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
 from .data.sampling import describe_sample
@@ -58,10 +58,11 @@ def build_model(cfg, phases: Phases | None = None):
     """Tokenizer, base model and the method's adapter. Returns (tokenizer, model, the fused
     kernels applied under the adapters)."""
     phases = phases or Phases()
+    typed = config.typed(cfg)  # dataclasses for the layers below (models, adapters)
     with phases(f"model load ({cfg.model.name})"):
-        tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
-        targets = cfg.method.target_modules or target_modules(cfg.model)
+        tokenizer = load_tokenizer(typed.model)
+        model = load_model(typed.model, resolve_dtype(typed.model.dtype))
+        targets = getattr(typed.method, "target_modules", None) or target_modules(typed.model)  # fft has none
         checks.check_layers(model, cfg)  # targets exist, ranks fit their widths: before any adapter
         if torch.cuda.is_available() and cfg.deepspeed.name == "none":
             # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
@@ -71,7 +72,7 @@ def build_model(cfg, phases: Phases | None = None):
         log.info("fused model kernels: none (%s)", why)
     applied = kernels.apply(model, choice, distributed.zero_stage(cfg) == 3, list(targets))
     with phases("adapter init"):
-        model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets),  # chain: its base
+        model = adapters.attach_adapter(model, chain.adapter_method(typed.method), list(targets),  # chain: its base
                                         seed=cfg.seed)
     mixed = any(_precision(cfg).values())
     if mixed and cfg.trainer.master_weights and not distributed.deepspeed_enabled(cfg):
@@ -136,6 +137,7 @@ def run(cfg, out: Path) -> dict:
                           ResampleCallback, StopOnNonFiniteLoss, StopWithoutGradient)
 
     validate(cfg)
+    distributed.check(cfg)  # DeepSpeed vs trainer, trainer.devices vs GPUs
     changes = resuming.check(cfg, out, distributed.resuming(out))  # another config: refused (unless force)
     done = completed_results(out) if resuming.asked(cfg) else None
     if done is not None and not changes:

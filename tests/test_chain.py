@@ -22,7 +22,8 @@ import torch
 
 from cola_train import chain
 from cola_train.adapters.io import unwrap
-from cola_train.config import ConfigError, validate
+from cola_train.checks import validate
+from cola_train.config import ConfigError, MethodConfig, method_view
 from conftest import REPO, TINY, compose
 
 CHAIN = TINY + ["method=chain_of_lora", "trainer.lr=5e-3", "method.dropout=0", "trainer.save_total_limit=3"]
@@ -80,7 +81,8 @@ def test_base_method_takes_the_chains_lora_settings():
     first = chain.base_method(compose(["method=chain_of_lora", "method.rank_schedule=[16,8,4]"]).method)
     assert (first.kind, first.r) == ("peft", 16)
     lora = compose(["method=lora"]).method
-    assert chain.adapter_method(lora) is lora
+    assert chain.adapter_method(lora) == method_view(lora) == MethodConfig(name="lora", kind="peft", r=8, alpha=16,
+                                                                            dropout=0.05)
 
 
 def test_link_ends():

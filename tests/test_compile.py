@@ -214,7 +214,8 @@ def test_mole_balance_loss_under_compile_is_refused_on_a_torch_that_gets_it_wron
     from unittest import mock
 
     from conftest import TINY, compose
-    from cola_train.config import ConfigError, validate
+    from cola_train.checks import validate
+    from cola_train.config import ConfigError
 
     cfg = compose(TINY + ["method=mole", "trainer.compile=true"] + extra)
     with mock.patch.object(torch, "__version__", version):

@@ -17,8 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from cola_train.config import ConfigError, validate
+from cola_train import checks, distributed
+from cola_train.config import ConfigError
 from conftest import compose, run_cli
+
+
+def validate(cfg) -> None:
+    """What a run checks before any model: the values (checks.validate), then DeepSpeed vs the
+    trainer and the machine (distributed.check, which checks.py may not import: distributed
+    imports checks)."""
+    checks.validate(cfg)
+    distributed.check(cfg)
 
 RTOL = 1e-4
 BASE = ["model=tiny_llama", "data=math", "data.max_samples=16", "data.max_val_samples=8",

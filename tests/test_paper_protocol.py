@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from cola_train.batching import apply_effective_batch, derive_grad_accum
-from cola_train.config import ConfigError, validate
+from cola_train.checks import validate
+from cola_train.config import ConfigError, method_view
 from conftest import CONF, compose
 
 PROTOCOL = {  # PAPERS.md, CoLA "Protocol"
@@ -48,7 +49,9 @@ def test_multitask_presets(preset, method, num_A, num_B, r):
     cfg = compose([f"experiment={preset}"])
     check(cfg, {**PROTOCOL, "method.r": r})
     assert cfg.data.domain == "multitask"
-    assert (cfg.method.name, cfg.method.num_A, cfg.method.num_B) == (method, num_A, num_B)
+    # LoRA's schema has no num_A / num_B: the layers' view of it has one A and one B
+    view = method_view(cfg.method)
+    assert (view.name, view.num_A, view.num_B) == (method, num_A, num_B)
     validate(cfg)
 
 

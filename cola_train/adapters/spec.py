@@ -10,14 +10,15 @@ from typing import Any, Dict, List, Mapping
 
 from torch import nn
 
-from cola_train.config import MethodConfig
+from cola_train.config import Impl, Init, Kind, MethodConfig, Pairing, Strategy, Svd, choices
 
-KINDS = ("none", "peft", "cola", "hydralora", "mole")
-STRATEGIES = ("fully", "random", "heuristic")
-INITS = ("lora", "pissa")
-IMPLS = ("fused", "loop")
-PAIRINGS = ("paper", "code")   # pairing.RULES: the heuristic strategy's two definitions
-SVDS = ("lowrank", "exact")
+# the choice lists are config.py's enums (one source); a chain is a schedule, not a layer kind
+KINDS = tuple(k for k in choices(Kind) if k != Kind.chain)
+STRATEGIES = choices(Strategy)
+INITS = choices(Init)
+IMPLS = choices(Impl)
+PAIRINGS = choices(Pairing)   # pairing.RULES: the heuristic strategy's two definitions
+SVDS = choices(Svd)
 
 
 class AdapterError(ValueError):
