@@ -157,16 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", required=True, choices=("peft", "merged"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="merged only: the saved weights' dtype")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"unexpected argument {bad[0]!r}: give one run dir, then key=value overrides")
     if args.to == "peft" and args.dtype != "fp32":
         parser.error("--dtype is for --to merged (a PEFT export keeps the adapter's float32 factors)")
+    from .errors import run_guarded
     from .eval.run_dir import cli_logging
 
     cli_logging()
-    from .errors import run_guarded
 
     def go():
         out = export_run(args.run_dir, args.to, args.out, args.dtype, args.overrides)

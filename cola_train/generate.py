@@ -149,14 +149,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     parser.error = refuse  # one line and exit 2, not argparse's usage block
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"unexpected argument {bad[0]!r}: give one run dir, then key=value overrides")
+    from .errors import run_guarded
     from .eval.run_dir import cli_logging
 
     cli_logging()
-    from .errors import run_guarded
 
     return run_guarded(lambda: _run(args)) or 0
 

@@ -34,6 +34,7 @@ def _by_source(samples: list[dict]) -> dict[str, list[float]]:
     return {s["doc"]["source"]: [float(r[0]) for r in s["filtered_resps"]] for s in samples}
 
 
+@pytest.mark.slow
 def test_our_scorer_and_lm_eval_agree_question_by_question(smollm2, data_root):
     from cola_train.eval import cloze_scores, letter_logits, load_benchmark, select_subset
     from cola_train.eval.scoring import _accuracy

@@ -127,6 +127,34 @@ def test_generate_greedy_equals_merged_model_generate(lora_run, tmp_path, capsys
     assert streamed.rstrip("\n") == want[0]
 
 
+def test_interactive_chat_keeps_the_conversation(lora_run, capsys, monkeypatch):
+    """Each turn's prompt is the conversation so far: the previous prompt, its reply, the new turn."""
+    from cola_train import generate
+
+    lines = iter(["What is 2+3?", "And 4+4?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen, replies, real = [], [], generate.generate
+
+    def spy(model, tok, ids, **kw):
+        seen.append(ids)
+        replies.append(real(model, tok, ids, **kw))
+        return replies[-1]
+
+    monkeypatch.setattr(generate, "generate", spy)
+    code, out, err = _main(generate, [str(lora_run), "--interactive", "--max-new-tokens", "4",
+                                      "--min-new-tokens", "4"], capsys)
+    assert code == 0, err
+    from cola_train.eval.run_dir import run_config
+    from cola_train.models import load_tokenizer
+
+    tok = load_tokenizer(run_config(lora_run).model)
+    assert len(seen) == 2 and seen[0] == _plain_prompt_ids(tok, "What is 2+3?")
+    history = f"### Instruction:\nWhat is 2+3?\n\n### Response:\n{replies[0]}\n\n"
+    assert seen[1] == [tok.bos_token_id] + tok(history + "### Instruction:\nAnd 4+4?\n\n### Response:\n",
+                                               add_special_tokens=False)["input_ids"]
+    assert replies[0] in out and replies[1] in out  # both streamed
+
+
 @pytest.mark.parametrize("method", ["hydralora", "mole"])
 def test_a_routed_method_generates_unmerged(built_runs, method, capsys):
     from cola_train import generate
@@ -142,6 +170,7 @@ def test_a_routed_method_generates_unmerged(built_runs, method, capsys):
     assert out.rstrip("\n") == tok.decode(seq[0, len(ids):], skip_special_tokens=True) != ""
 
 
+@pytest.mark.slow
 def test_generate_prompt_of_a_chat_tokenizer_is_trainings():
     """With a chat template (SmolLM2's), the generation prompt is the training prompt."""
     from cola_train.data.template import encode
