@@ -305,3 +305,22 @@ def test_run_writes_harness_scores_next_to_ours(lora_run):
     assert set(scores) == {"acc", "acc_norm"} and all(abs(v * 3 - round(v * 3)) < 1e-9 for v in scores.values())
     assert wandb_summary(harness) == {"harness/cola_mmlu_law_cloze/acc": scores["acc"],
                                       "harness/cola_mmlu_law_cloze/acc_norm": scores["acc_norm"]}
+
+
+def test_harness_scores_a_routed_model_in_memory(built_runs, data_root):
+    """lm-eval runs on the HydraLoRA model as loaded (routed, unmerged), on the questions our
+    eval.max_examples picks."""
+    from types import SimpleNamespace
+
+    from cola_train.eval.harness import run_harness
+
+    _, adapted, tok = _adapted(built_runs["hydralora"])
+    eval_cfg = SimpleNamespace(subjects=None, max_examples=2, batch_size=2, skip_bad_rows=False,
+                               chat_template=False, harness=None)
+    got = run_harness(adapted, tok, eval_cfg, ["cola_mmlu_law_cloze"], data_root, return_samples=True)
+    assert got["n"] == {"cola_mmlu_law_cloze": 2}
+    sources = [s["doc"]["source"] for s in got["samples"]["cola_mmlu_law_cloze"]]
+    from cola_train.eval import load_benchmark, select_subset
+
+    want = [ex["source"] for ex in select_subset(list(load_benchmark("mmlu_law", data_root)), 2)]
+    assert sorted(sources) == sorted(want) and len(set(want)) == 2
