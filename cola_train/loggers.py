@@ -22,6 +22,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .eval import harness
+
 log = logging.getLogger("cola_train")
 
 PEAK_KEY = "peak_gpu_memory_gib"
@@ -109,6 +111,7 @@ def final_numbers(results: dict) -> dict:
         "final/trainable_params": results["params"]["trainable"],
         "final/energy_j": (results.get("energy") or {}).get("joules"),
         "final/peak_gib": (results.get("timings") or {}).get("peak_gib"),
+        **harness.wandb_summary(results.get("harness")),   # lm-eval's scores, next to ours
     }
 
 

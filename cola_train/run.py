@@ -15,6 +15,7 @@ from .checks import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
 from .data.sampling import describe_sample
+from .eval import harness
 from .models import load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
 from .phases import Phases, StepTimer
 from .regional_compile import compile_blocks
@@ -147,6 +148,7 @@ def run(cfg, out: Path) -> dict:
         return done
     if not distributed.spawned():  # the parent checked before starting the ranks
         checks.before_model(cfg)  # data, benchmark files, DeepSpeed, ranks vs widths: one line each
+        harness.check_tasks(harness.task_list(cfg.eval), cfg.eval.harness.lm_eval_tasks)  # lm-eval task names (eval/harness.py)
     records = load_domain_records(cfg.data)  # read (bad rows, bad bytes) before the model is built
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
@@ -225,6 +227,9 @@ def run(cfg, out: Path) -> dict:
     if cfg.eval.enabled and bench_here:
         with phases("benchmark"):
             results["benchmark"] = _benchmark_after_training(cfg, model, tokenizer, bench_before)
+    if bench_here and harness.task_list(cfg.eval):  # lm-evaluation-harness, on the model as trained
+        with phases("lm-eval harness"):
+            results["harness"] = harness.after_training(cfg, model, tokenizer)
     per_sequence = args.per_device_train_batch_size * args.gradient_accumulation_steps
     results["timings"] = {**{k: round(v, 3) for k, v in phases.seconds.items()},
                           **timer.summary(seq_len=_mean_sequence(timer, per_sequence))}

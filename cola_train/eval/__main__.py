@@ -2,6 +2,7 @@
 
     python -m cola_train.eval outputs/runs/.../<run dir>      # the trained model of a run
     python -m cola_train.eval --model smollm2_135m --domain math   # a base model
+    python -m cola_train.eval RUN_DIR --harness cola_mmlu_law       # lm-evaluation-harness
 Extra `key=value` arguments override the eval config (e.g. eval.max_examples=200).
 """
 from __future__ import annotations
@@ -23,73 +24,54 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def _run_config(run_dir: Path, overrides: list[str]):
-    from omegaconf import OmegaConf
-
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        sys.exit(f"error: {run_dir} is not a run dir (no .hydra/config.yaml)")
-    from ..config import Config
-
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
-    for item in overrides:
-        key, value = item.split("=", 1)
-        OmegaConf.update(cfg, key, _parse(value))
-    return cfg
-
-
-def _parse(value: str):
-    import yaml
-
-    return yaml.safe_load(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cola_train.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="*", metavar="[run_dir] [key=value ...]")
     parser.add_argument("--model", help="a model config name, to evaluate the base model")
     parser.add_argument("--domain", default="math")
-    args = parser.parse_args(argv)
+    parser.add_argument("--harness", action="append", metavar="TASK",
+                        help="score with EleutherAI's lm-evaluation-harness on TASK instead (repeatable; "
+                             "our offline tasks: cola_<benchmark>[_cloze], see docs/EVALUATION.md); "
+                             "writes RUN_DIR/harness.json")
+    args = parser.parse_intermixed_args(argv)
     overrides = [a for a in args.items if "=" in a]
     dirs = [Path(a) for a in args.items if "=" not in a]
     args.run_dir = dirs[0] if dirs else None
     if len(dirs) > 1 or (args.run_dir is None) == (args.model is None):
         parser.error("give a run dir or --model NAME (not both)")
 
-    from .. import adapters
     from ..data.sources import data_root
     from ..errors import run_guarded
     from ..models import load_model, load_tokenizer, resolve_dtype
     from . import run_benchmark
+    from .run_dir import cli_logging, load_run
+
+    cli_logging()
 
     def evaluate():
         if args.model:
             cfg = _compose([f"model={args.model}", f"data={args.domain}", *overrides])
-            model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
-            out = None
+            model, tokenizer, out = load_model(cfg.model, resolve_dtype(cfg.model.dtype)), load_tokenizer(cfg.model), None
+            import torch
+
+            if torch.cuda.is_available():
+                model = model.cuda()
         else:
-            cfg = _run_config(args.run_dir, overrides)
-            from transformers import set_seed
+            cfg, model, tokenizer = load_run(args.run_dir, overrides)
+            out = args.run_dir / ("harness.json" if args.harness else "benchmark.json")
+        if args.harness:
+            from .harness import run_harness
 
-            set_seed(cfg.seed)  # as the run did before building its model: a random-init base matches
-            if (args.run_dir / "model").is_dir():
-                cfg.model.path, cfg.model.gguf_file, cfg.model.random_init = str(args.run_dir / "model"), None, False
-                model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
-            else:
-                base = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
-                model = adapters.load_adapter(base, args.run_dir / "adapter")
-            out = args.run_dir / "benchmark.json"
-        import torch
-
-        if torch.cuda.is_available():
-            model = model.cuda()
-        result = run_benchmark(model, load_tokenizer(cfg.model), cfg.eval, cfg.data.domain, data_root(cfg.data))
+            result = run_harness(model, tokenizer, cfg.eval, list(args.harness), data_root(cfg.data))
+        else:
+            result = run_benchmark(model, tokenizer, cfg.eval, cfg.data.domain, data_root(cfg.data))
         if out is not None:
             from ..results import write_json_atomic
 
             write_json_atomic(out, result)
-        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))} if not args.harness
+                         else result.get("results", result), indent=2))
         return 0
 
     return run_guarded(evaluate)
