@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA_ROOT, REPO, TINY, run_cli
+from conftest import DATA_ROOT, REPO, TINY, compose, run_cli
 
 PROMPT = "What is 2+3?"
 N_TOKENS = 12
@@ -70,7 +70,7 @@ def built_runs(tmp_path_factory, lora_run):
     for method in ("cola_fully", "hydralora", "mole"):
         run = tmp_path_factory.mktemp(method)
         cfg = OmegaConf.load(lora_run / ".hydra" / "config.yaml")
-        cfg.method = OmegaConf.load(REPO / "conf" / "method" / f"{method}.yaml")
+        cfg.method = compose([f"method={method}"]).method   # its kind's schema, as a run composes it
         (run / ".hydra").mkdir()
         OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
         set_seed(cfg.seed)
