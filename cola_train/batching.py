@@ -13,7 +13,7 @@ import os
 
 def world_size(cfg) -> int:
     """Ranks of this run: the launcher's WORLD_SIZE inside a rank, trainer.devices before spawning."""
-    from .distributed import is_rank
+    from .parallel import is_rank
 
     if is_rank():
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))

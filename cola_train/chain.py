@@ -56,6 +56,7 @@ from .adapters import fp32_path, peft_methods
 from .adapters.io import our_layers, require_info, unwrap
 from .config import ConfigError, MethodConfig
 from .models import upcast_trainable
+from .parallel import gathered  # ZeRO-3: the one gather helper (modify: rank 0's values scattered back)
 
 log = logging.getLogger("cola_train")
 
@@ -139,7 +140,7 @@ def _check_ends(ends: List[int], fractions: List[float], where: str) -> None:
 
 def check_config(cfg) -> None:
     """The chain's rules (config.validate calls this for method.kind=chain): one ConfigError."""
-    from . import distributed
+    from . import parallel
     from .adapters.spec import AdapterError, validate as validate_adapter
 
     m = cfg.method
@@ -162,7 +163,7 @@ def check_config(cfg) -> None:
         bad = [r for r in ranks if not isinstance(r, int) or r < 1]
         if bad:
             raise ConfigError(f"method.rank_schedule={ranks} has an entry {bad[0]!r} that is not an integer >= 1")
-        if len(set(ranks)) > 1 and (distributed.deepspeed_enabled(cfg) or cfg.trainer.devices > 1):
+        if len(set(ranks)) > 1 and (parallel.deepspeed_enabled(cfg) or cfg.trainer.devices > 1):
             raise ConfigError(f"method.rank_schedule={ranks} changes the rank, which needs new parameter tensors: "
                               f"it runs in one process without DeepSpeed only (use one rank for all links)")
     if m.base == "chain_of_lora" or m.base == m.name:
@@ -186,8 +187,8 @@ def check_config(cfg) -> None:
         raise ConfigError(f"method.merge={m.merge!r} is not one of {', '.join(MERGES)}")
     if m.link_warmup not in LINK_WARMUPS:
         raise ConfigError(f"method.link_warmup={m.link_warmup!r} is not one of {', '.join(LINK_WARMUPS)}")
-    if links > 1 and m.restart_lr and distributed.deepspeed_enabled(cfg) \
-            and "scheduler" in distributed.deepspeed_config(cfg):
+    if links > 1 and m.restart_lr and parallel.deepspeed_enabled(cfg) \
+            and "scheduler" in parallel.deepspeed_config(cfg):
         raise ConfigError(f"method.restart_lr=true restarts the trainer's schedule, but deepspeed={cfg.deepspeed.name} "
                           f"brings its own scheduler; drop deepspeed.config.scheduler or set method.restart_lr=false")
     if cfg.trainer.max_steps > 0:
@@ -225,24 +226,6 @@ def frobenius(A: torch.Tensor, B: torch.Tensor) -> float:
     """||B @ A||_F from the r x r Gram matrices, without forming the d_out x d_in product."""
     A, B = A.double(), B.double()
     return math.sqrt(max(0.0, float(torch.sum((B.T @ B) * (A @ A.T)))))
-
-
-def _zero_params(params) -> bool:
-    return any(hasattr(p, "ds_id") for p in params)
-
-
-@contextlib.contextmanager
-def gathered(params, modify: bool):
-    """ZeRO-3: gather the parameters on every rank (modify: rank 0's values are scattered back
-    on exit); a no-op for ordinary tensors. Every rank must enter it (a collective)."""
-    params = list(params)
-    if not _zero_params(params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
-        yield
 
 
 @contextlib.contextmanager
