@@ -109,8 +109,6 @@ def main() -> None:
     from omegaconf import DictConfig
 
     from .config import register_schemas
-    from .errors import exit_if_not_scored, run_guarded
-
     register_schemas()
 
     @hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
@@ -119,21 +117,18 @@ def main() -> None:
 
         from hydra.types import RunMode
 
-        from . import distributed
+        from . import launch
 
         out = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
         sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
         # here, as N local ranks (trainer.devices), or as one SLURM task's rank
-        job = lambda: distributed.job(cfg, out, run, sweeping)  # noqa: E731
-        if not sweeping:
-            return exit_if_not_scored(run_guarded(job, out, exit_on_error=True))
-        return distributed.keep_sweeping(lambda: run_guarded(job, out, exit_on_error=False), out)
+        return launch.guarded(lambda: launch.job(cfg, out, run, sweeping), out, sweeping)
 
     _main()
 
 
 if __name__ == "__main__":
-    from .distributed import preflight
+    from .launch import preflight
     from .sweep_check import check_sweep
 
     sys.argv[1:] = preflight(sys.argv[1:])  # deepspeed's --local_rank; sbatch for the SLURM launcher

@@ -12,12 +12,10 @@ import os
 
 
 def world_size(cfg) -> int:
-    """Ranks of this run: the launcher's WORLD_SIZE inside a rank, trainer.devices before spawning.
-    A rank is what distributed.is_rank says (a launcher set RANK or LOCAL_RANK, and it is not our
-    own world of one), read from the environment here: distributed imports checks, which imports
-    this module, so importing distributed back would close an import cycle."""
-    launched = "LOCAL_RANK" in os.environ or "RANK" in os.environ
-    if launched and os.environ.get("COLA_TRAIN_SELF_RANK") != "1":   # distributed._SELF_RANK
+    """Ranks of this run: the launcher's WORLD_SIZE inside a rank, trainer.devices before spawning."""
+    from .parallel import is_rank
+
+    if is_rank():
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     return max(1, int(cfg.trainer.devices))
 

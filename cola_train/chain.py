@@ -68,6 +68,7 @@ from .adapters.io import our_layers, require_info, unwrap
 from .checks import check_link_ends as _check_ends
 from .config import ConfigError, MethodConfig, base_name, link_ends, method_view
 from .models import upcast_trainable
+from .parallel import gathered  # ZeRO-3: the one gather helper (modify: rank 0's values scattered back)
 
 log = logging.getLogger("cola_train")
 
@@ -162,20 +163,6 @@ def frobenius(A: torch.Tensor, B: torch.Tensor) -> float:
     """||B @ A||_F from the r x r Gram matrices, without forming the d_out x d_in product."""
     A, B = A.double(), B.double()
     return math.sqrt(max(0.0, float(torch.sum((B.T @ B) * (A @ A.T)))))
-
-
-@contextlib.contextmanager
-def gathered(params, modify: bool):
-    """ZeRO-3: gather the parameters on every rank (modify: rank 0's values are scattered back
-    on exit); a no-op for ordinary tensors. Every rank must enter it (a collective)."""
-    params = list(params)
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
-        yield
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .parallel import all_reduce
+
 
 def _nvml_index(device: int) -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -43,10 +45,7 @@ class EnergyMeter:
         if self.handle is None or self.start_mj is None:
             return None
         torch.cuda.synchronize()
-        joules = torch.tensor([(self._read() - self.start_mj) / 1000.0], dtype=torch.float64, device="cuda")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(joules)
-        return joules.item()
+        return all_reduce((self._read() - self.start_mj) / 1000.0)
 
 
 def energy_summary(joules: float | None, tokens: int) -> dict | None:

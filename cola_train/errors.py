@@ -32,23 +32,11 @@ def run_guarded(fn, out: Path | None = None, exit_on_error: bool = True):
     except user_errors() as err:
         logging.getLogger("cola_train").error("%s", err)
         if out is not None and out.is_dir() and getattr(err, "record_failure", True):  # resume.refused
-            from .results import write_json_atomic
+            from .results import RunRecord
 
-            write_json_atomic(out / "results.json", {"status": "failed", "error": str(err)})
+            RunRecord(out).write("failed", error=str(err))
         if exit_on_error:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         return None
 
-
-def exit_if_not_scored(results):
-    """A single run whose benchmark failed after training has written its weights and its
-    results.json (status "benchmark_failed"); it still exits 1 so that scripts notice. Ranks
-    that `trainer.devices` spawned exit 0 and leave this to their parent, which would otherwise
-    overwrite the record with "failed"."""
-    from .distributed import spawned
-
-    if isinstance(results, dict) and results.get("status") == "benchmark_failed" and not spawned():
-        print(f"error: {results.get('error')} (the trained weights and results.json were written)", file=sys.stderr)
-        sys.exit(1)
-    return results

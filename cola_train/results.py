@@ -1,4 +1,12 @@
-"""Files a run leaves behind, written so that a half-written file never passes for a result."""
+"""Files a run leaves behind, written so that a half-written file never passes for a result.
+
+`RunRecord` is the only writer of a run dir's results.json (a test holds every other module to
+that). The file had been written from five places in three shapes; one writer keeps its schema
+in one place. Its statuses: "running" (never on disk: the record in memory), "completed",
+"benchmark_failed" (trained and saved, not scored), "preempted" (resumes by itself), "interrupted"
+(Ctrl-C; resumes with trainer.resume=true) and "failed". Readers: `read_results`,
+`completed_results`, report.py, sweep.py, resume.py.
+"""
 from __future__ import annotations
 
 import json
@@ -39,10 +47,47 @@ def append_jsonl(path: str | Path, row: dict) -> None:
         f.write(json.dumps(_clean(row), default=str) + "\n")
 
 
+RESULTS = "results.json"
+
+
+class RunRecord:
+    """A run dir's results.json: the fields gathered so far in memory (`fields`, a plain dict a
+    run fills step by step), written whole and atomically by `write`, with the status first."""
+
+    def __init__(self, out: str | Path, **fields):
+        self.out = Path(out)
+        self.fields = {"status": "running", **fields}
+
+    @property
+    def path(self) -> Path:
+        return self.out / RESULTS
+
+    def __getitem__(self, key):
+        return self.fields[key]
+
+    def __setitem__(self, key, value) -> None:
+        self.fields[key] = value
+
+    def get(self, key, default=None):
+        return self.fields.get(key, default)
+
+    def update(self, more: dict) -> None:
+        self.fields.update(more)
+
+    def write(self, status: str, **fields) -> dict:
+        """results.json = this record's fields, then `fields`, under `status`; returns it."""
+        self.fields = {**self.fields, **fields, "status": status}
+        write_json_atomic(self.path, self.fields)
+        return self.fields
+
+    def read(self) -> dict:
+        return read_results(self.out)
+
+
 def read_results(out: str | Path) -> dict:
     """The run dir's results.json, or {} when it is absent, unreadable or not an object."""
     try:
-        results = json.loads((Path(out) / "results.json").read_text())
+        results = json.loads((Path(out) / RESULTS).read_text())
     except (OSError, ValueError):
         return {}
     return results if isinstance(results, dict) else {}

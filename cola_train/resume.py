@@ -205,7 +205,7 @@ def announcer(checkpoint: str, completed: bool):
 def continues(job_dir: str, resume) -> bool:
     """Whether the job starting in `job_dir` continues a trained run there: trainer.resume asks
     for it, or the run was preempted or requeued (it then resumes by itself, see
-    distributed.resuming)."""
+    preemption.resuming)."""
     out = Path(job_dir)
     if not trained_before(out):
         return False

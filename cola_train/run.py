@@ -10,16 +10,18 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, checks, collate, config, distributed, kernels, loggers, profiling, resume as resuming
+from . import adapters, chain, checks, collate, config, distributed, kernels, loggers, preemption, profiling, \
+    resume as resuming
 from .checks import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
 from .data.sampling import describe_sample
 from .eval import harness
 from .models import load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
+from .parallel import Runtime
 from .phases import Phases, StepTimer
 from .regional_compile import compile_blocks
-from .results import completed_results, write_json_atomic
+from .results import RunRecord, completed_results
 
 log = logging.getLogger("cola_train")
 
@@ -38,6 +40,8 @@ def _precision(cfg) -> dict:
 def training_arguments(cfg, out: Path, report_to: list[str]):
     from transformers import TrainingArguments
 
+    from .trainer import trainer_kwargs
+
     t = cfg.trainer
     save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps > 0 else {"save_strategy": "epoch"}
     evals = {"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps > 0 else {"eval_strategy": "no"}
@@ -50,33 +54,33 @@ def training_arguments(cfg, out: Path, report_to: list[str]):
         logging_steps=t.logging_steps, save_total_limit=t.save_total_limit, seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=t.num_workers, remove_unused_columns=False,
         disable_tqdm=False, logging_nan_inf_filter=False,  # a NaN must reach StopOnNonFiniteLoss
-        **distributed.trainer_kwargs(cfg),  # device, gloo/nccl, DeepSpeed dict
+        **trainer_kwargs(cfg),  # device, gloo/nccl, DeepSpeed dict
         **save, **evals, **_precision(cfg),
     )
 
 
-def build_model(cfg, phases: Phases | None = None):
+def build_model(cfg, phases: Phases | None = None, rt: Runtime | None = None):
     """Tokenizer, base model and the method's adapter. Returns (tokenizer, model, the fused
     kernels applied under the adapters)."""
-    phases = phases or Phases()
+    phases, rt = phases or Phases(), rt or Runtime.of(cfg)
     typed = config.typed(cfg)  # dataclasses for the layers below (models, adapters)
     with phases(f"model load ({cfg.model.name})"):
         tokenizer = load_tokenizer(typed.model)
         model = load_model(typed.model, resolve_dtype(typed.model.dtype))
         targets = getattr(typed.method, "target_modules", None) or target_modules(typed.model)  # fft has none
         checks.check_layers(model, cfg)  # targets exist, ranks fit their widths: before any adapter
-        if torch.cuda.is_available() and cfg.deepspeed.name == "none":
+        if torch.cuda.is_available() and not rt.deepspeed:
             # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
-            model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+            model = model.to(rt.device)
     choice, why = kernels.choose(cfg.trainer.kernels, cfg.model.family, torch.cuda.is_available())
     if choice == "none" and cfg.trainer.kernels == "auto" and torch.cuda.is_available():
         log.info("fused model kernels: none (%s)", why)
-    applied = kernels.apply(model, choice, distributed.zero_stage(cfg) == 3, list(targets))
+    applied = kernels.apply(model, choice, rt.zero_stage == 3, list(targets))
     with phases("adapter init"):
         model = adapters.attach_adapter(model, chain.adapter_method(typed.method), list(targets),  # chain: its base
                                         seed=cfg.seed)
     mixed = any(_precision(cfg).values())
-    if mixed and cfg.trainer.master_weights and not distributed.deepspeed_enabled(cfg):
+    if mixed and cfg.trainer.master_weights and not rt.deepspeed:
         log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))
         if cfg.trainer.fp32_adapter_path:
             log.info("fp32 low-rank path: %d adapted layers", adapters.fp32_path.enable(model))
@@ -134,32 +138,34 @@ def run(cfg, out: Path) -> dict:
 
     from .eval.scoring import check_tokenizer
     from .run_totals import RunTotals
-    from .trainer import (CheckpointCompleteMarker, ColaTrainer, MetricsFileCallback,
-                          ResampleCallback, StopOnNonFiniteLoss, StopWithoutGradient)
+    from .trainer import (CheckpointCompleteMarker, ColaTrainer, MetricsFileCallback, ResampleCallback,
+                          StopOnNonFiniteLoss, StopWithoutGradient, forget_deepspeed)
 
     validate(cfg)
     distributed.check(cfg)  # DeepSpeed vs trainer, trainer.devices vs GPUs
-    changes = resuming.check(cfg, out, distributed.resuming(out))  # another config: refused (unless force)
+    rt = Runtime.of(cfg)  # rank, world size, device, ZeRO stage: fixed for the whole run
+    requeued = preemption.resuming(out)  # back after a preemption: resume without being asked
+    changes = resuming.check(cfg, out, requeued)  # another config: refused (unless force)
     done = completed_results(out) if resuming.asked(cfg) else None
     if done is not None and not changes:
         # a sweep started again (study.py, a requeued array) skips the jobs it has finished
         log.info("%s: already completed in %s; trainer.resume leaves it as it is", run_name(cfg), out)
         print(summary_line(done, out), flush=True)
         return done
-    if not distributed.spawned():  # the parent checked before starting the ranks
+    if not rt.spawned:  # the parent checked before starting the ranks
         checks.before_model(cfg)  # data, benchmark files, DeepSpeed, ranks vs widths: one line each
         harness.check_tasks(harness.task_list(cfg.eval), cfg.eval.harness.lm_eval_tasks)  # lm-eval task names (eval/harness.py)
     records = load_domain_records(cfg.data)  # read (bad rows, bad bytes) before the model is built
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     phases = Phases()
-    tokenizer, model, applied_kernels = build_model(cfg, phases)
+    tokenizer, model, applied_kernels = build_model(cfg, phases, rt)
     check_tokenizer(cfg.eval, tokenizer)  # eval.chat_template needs a template: stop now, not after training
     train_ds, val_ds = build_data(cfg, tokenizer, records, phases)
     report_to = loggers.setup(cfg, out)  # wandb | tensorboard | mlflow, through the Trainer's report_to
     args = training_arguments(cfg, out, report_to)
-    preemption = distributed.preemption_callback()  # SLURM: checkpoint + requeue on the signal
-    no_gradient = [] if distributed.deepspeed_enabled(cfg) else [StopWithoutGradient()]
+    stopper = preemption.stop_callback()  # a signal or Ctrl-C: checkpoint at the end of the step, stop
+    no_gradient = [] if rt.deepspeed else [StopWithoutGradient()]
     totals = RunTotals(EnergyMeter(), tokens_so_far=lambda: trainer.trained_tokens)  # trainer: next line
     timer = StepTimer(phases, tokens_so_far=lambda: trainer.trained_tokens)
     step_profiler = profiling.profiler(cfg, out)  # trainer.profile_steps: where a step's time goes
@@ -170,27 +176,27 @@ def run(cfg, out: Path) -> dict:
             # totals before the marker: a checkpoint marked complete holds the run's totals so far
             callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
                        StopOnNonFiniteLoss(), *no_gradient, totals, timer, *filter(None, [step_profiler]),
-                       CheckpointCompleteMarker(), preemption],
+                       CheckpointCompleteMarker(), stopper],
         )
     loggers.attach(trainer, report_to)  # peak GPU memory into every logged step; the MLflow run
     schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
-    results = {"status": "running", "config": OmegaConf.to_container(cfg, resolve=True), "kernels": applied_kernels,
-               "n_train_samples": len(train_ds), "n_val_samples": len(val_ds) if val_ds else 0}
+    results = RunRecord(out, config=OmegaConf.to_container(cfg, resolve=True), kernels=applied_kernels,
+                        n_train_samples=len(train_ds), n_val_samples=len(val_ds) if val_ds else 0)
     trainable, total = adapters.trainable_parameters(model)
     results["params"] = {"trainable": trainable, "total": total}
     log.info("%s: %d train / %d val samples; %d of %d parameters trainable",
              run_name(cfg), results["n_train_samples"], results["n_val_samples"], trainable, total)
 
-    eval_before = distributed.eval_before_training(cfg, trainer) if (val_ds and cfg.eval.before) else None
-    bench_here = distributed.benchmark_on_this_rank(cfg, trainer)  # all ranks under ZeRO-3
+    eval_before = trainer.eval_before_training() if (val_ds and cfg.eval.before) else None
+    bench_here = rt.is_main or rt.forward_on_every_rank  # ZeRO-3: a forward needs every rank
     bench_before = _benchmark(cfg, model, tokenizer) if (cfg.eval.enabled and cfg.eval.before and bench_here) else None
 
-    checkpoint = _last_checkpoint(out) if (resuming.asked(cfg) or distributed.resuming(out)) else None
+    checkpoint = _last_checkpoint(out) if (resuming.asked(cfg) or requeued) else None
     resume = checkpoint is not None
     if resume:
         trainer.add_callback(resuming.announcer(checkpoint, completed=done is not None))  # "resumed from ..."
         results.update({"resumed_with_changes": changes} if changes else {})  # force: old and new values
-    elif trainer.is_world_process_zero():
+    elif rt.is_main:
         resuming.record_start(cfg, out)  # the config a later resume must match
     chain.resume(schedule, checkpoint)  # replay merged links first
     totals.resume_from(checkpoint)  # tokens, time and energy of the segments before this one
@@ -201,13 +207,13 @@ def run(cfg, out: Path) -> dict:
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
     except resuming.NothingToTrain as why:  # trainer.resume=force on a completed run: nothing to add
         print(f"[cola_train] {run_name(cfg)}: already completed in {out} ({why}); left as it is", flush=True)
-        distributed.forget_deepspeed()
+        forget_deepspeed()
         return done
-    if preemption.preempted(trainer.state):
-        distributed.stop_for_preemption(out, trainer, results)  # checkpoint saved; requeue, exit
+    if stopper.preempted(trainer.state):
+        stopper.stop(trainer, results)  # checkpoint saved; Ctrl-C: exit 130; preempted: requeue, exit 3
     whole = totals.totals()  # every segment of the run, every rank's tokens
     results["energy"] = energy_summary(whole["joules"], whole["tokens"])
-    results["train"] = {"loss": distributed.mean_train_loss(trainer, train_out, resume),
+    results["train"] = {"loss": trainer.mean_train_loss(train_out, resume),
                         "steps": trainer.state.global_step,
                         "runtime_s": whole["runtime_s"], "tokens": whole["tokens"],
                         "tokens_per_s": whole["tokens"] / max(whole["runtime_s"], 1e-9),
@@ -216,13 +222,13 @@ def run(cfg, out: Path) -> dict:
     with phases("validation loss"):
         eval_after = trainer.evaluate()["eval_loss"] if val_ds else None
     if eval_before is None and val_ds and cfg.eval.before:
-        eval_before = distributed.eval_loss_at_start(trainer)  # DeepSpeed: evaluated inside train()
+        eval_before = trainer.eval_loss_at_start()  # DeepSpeed: evaluated inside train()
     results["eval"] = {"loss_before": eval_before, "loss": eval_after}
     if schedule is not None:
         results["chain"] = schedule.summary()  # per link: steps, rank, loss at the switch, |dW|
     # the weights first: a benchmark that fails after hours of training loses no trained adapter
     with phases("adapter save"):
-        distributed.save_weights(cfg, trainer, model, out, adapters.save_adapter)  # collective; rank 0 writes
+        trainer.save_weights(out, rt, full_model=cfg.method.kind == "none")  # collective; rank 0 writes
     results["benchmark"] = None
     if cfg.eval.enabled and bench_here:
         with phases("benchmark"):
@@ -235,16 +241,15 @@ def run(cfg, out: Path) -> dict:
                           **timer.summary(seq_len=_mean_sequence(timer, per_sequence))}
     if step_profiler is not None:
         results["profile"] = step_profiler.summary  # None: the run ended before the profiled steps
-    if trainer.is_world_process_zero():
-        results["status"] = "completed"
-        if (results["benchmark"] or {}).get("error"):
-            results["status"] = BENCHMARK_FAILED  # trained and saved, but not scored
-            results["error"] = f"benchmark failed after training: {results['benchmark']['error']}"
-        write_json_atomic(out / "results.json", results)
-        print(summary_line(results, out), flush=True)
-    distributed.forget_deepspeed()
-    loggers.finish(report_to, results)  # final numbers into W&B's summary / the MLflow run
-    return results
+    if rt.is_main:
+        failed = (results["benchmark"] or {}).get("error")
+        if failed:  # trained and saved, but not scored
+            results["error"] = f"benchmark failed after training: {failed}"
+        results.write(BENCHMARK_FAILED if failed else "completed")
+        print(summary_line(results.fields, out), flush=True)
+    forget_deepspeed()
+    loggers.finish(report_to, results.fields)  # final numbers into W&B's summary / the MLflow run
+    return results.fields
 
 
 def _mean_sequence(timer: StepTimer, sequences_per_step: int) -> float | None:

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from transformers import TrainerCallback
 
-from .distributed import all_sum
+from .parallel import all_reduce
 from .energy import EnergyMeter
 from .results import write_json_atomic
 from .trainer import saved_checkpoint
@@ -49,7 +49,7 @@ class RunTotals(TrainerCallback):
 
     def totals(self) -> dict:
         """Carried + this segment. A collective under torch.distributed: call it on every rank."""
-        tokens = all_sum(self.tokens_so_far())
+        tokens = all_reduce(self.tokens_so_far())
         joules = self.meter.joules()
         carried = self.carried
         return {

@@ -142,7 +142,7 @@ class SweepSummary(Callback):
         if target.endswith("SlurmLauncher"):
             import sys
 
-            from .distributed import sbatch_missing
+            from .launch import sbatch_missing
 
             message = sbatch_missing()
             if message:
@@ -177,11 +177,11 @@ def _counts(summary: dict | None) -> str:
 
 def exit_code(summary: dict | None) -> int:
     """The multirun's exit code (docs/ERRORS.md, "Exit codes"): 0 when every job completed;
-    3 (distributed.EXIT_PREEMPTED) when the only unfinished jobs were preempted, since the same
+    3 (preemption.EXIT_PREEMPTED) when the only unfinished jobs were preempted, since the same
     command resumes them; 1 when any job failed, died or never started, or when the summary could
     not be written (nothing then says the sweep is whole). A script that runs sweeps (study.py,
     a CI job) must not take a sweep with failed jobs for a finished one."""
-    from .distributed import EXIT_PREEMPTED
+    from .preemption import EXIT_PREEMPTED
 
     if summary is None:
         return 1

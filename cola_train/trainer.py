@@ -1,5 +1,9 @@
 """transformers' Trainer with the few hooks our methods need: auxiliary losses (MoLE's gate
-balance), per-step re-drawing of CoLA-random pairings, token counting, and a metrics file."""
+balance), per-step re-drawing of CoLA-random pairings, token counting, and a metrics file.
+
+Also the Trainer's quirks, in one place: the TrainingArguments entries for ranks on CPU (which
+reach into accelerate's private state), DeepSpeed's evaluation before training, the mean loss
+after a resume, the ZeRO-3 gather before saving, and HF's module-global DeepSpeed config."""
 from __future__ import annotations
 
 import math
@@ -10,8 +14,64 @@ import warnings
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import adapters, checkpoints
+from . import adapters, checkpoints, parallel
 from .results import append_jsonl
+
+
+# ----------------------------------------------------------------------------------------------
+# before the Trainer: the device and the process group
+
+
+def trainer_kwargs(cfg) -> dict:
+    """TrainingArguments entries for the device and the process group.
+
+    CPU without DeepSpeed: use_cpu (accelerate runs MULTI_CPU on gloo when there are ranks).
+    CPU with DeepSpeed: accelerate only takes the DeepSpeed path when use_cpu is off, and
+    DeepSpeed's CPU accelerator would pick oneCCL: ask for gloo. GPU: NCCL, chosen by accelerate.
+    A single process running DeepSpeed still needs a (world of one) process group.
+    """
+    ds = parallel.deepspeed_config(cfg)
+    on_gpu = parallel.cuda()
+    if ds is not None:
+        parallel.become_world_of_one()  # unless a launcher made this process a rank already
+    kwargs = {"deepspeed": ds, "use_cpu": not on_gpu and ds is None, "dataloader_pin_memory": on_gpu}
+    if not on_gpu and "LOCAL_RANK" in os.environ:  # ranks on CPU: gloo, state set up here
+        kwargs["ddp_backend"] = "gloo"
+        _cpu_ranks_state(deepspeed=ds is not None)
+        kwargs["accelerator_config"] = {"use_configured_state": True}
+    return kwargs
+
+
+def _cpu_ranks_state(deepspeed: bool) -> None:
+    """accelerate's (shared) state for ranks on CPU, configured before TrainingArguments, which
+    then uses it as is. Two fixes over what TrainingArguments would set up:
+    - DeepSpeed: accelerate takes its DeepSpeed path only off-CPU and then picks the backend from
+      the GPU kind; on a CPU it would end with no backend and count one process (every rank would
+      read all the data). Here: the DeepSpeed path with gloo.
+    - The device is plain `cpu`, not `cpu:<local rank>`: the Trainer resumes with
+      torch.load(map_location=args.device), which rejects "cpu:1"."""
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # private, but the only reset there is
+    if deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        state = PartialState(backend="gloo") if deepspeed else PartialState(cpu=True, backend="gloo")
+    finally:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    state.device = torch.device("cpu")
+
+
+def forget_deepspeed() -> None:
+    """The HF integration keeps the last DeepSpeed config in a module global; a later job of an
+    in-process sweep must not see ZeRO-3 switched on when it loads its model."""
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 class ColaTrainer(Trainer):
@@ -100,6 +160,51 @@ class ColaTrainer(Trainer):
             return
         super()._load_best_model()
 
+    # -- evaluation and saving around train(), the same on one process and on N ranks
+    def eval_before_training(self) -> float | None:
+        """The eval loss before training. Under DeepSpeed, evaluate() before train() builds an
+        inference-only engine that train() then cannot use, so the Trainer evaluates at the start
+        of train() instead (eval_on_start) and `eval_loss_at_start` reads it back."""
+        if self.is_deepspeed_enabled:
+            self.args.eval_on_start = True
+            return None
+        return self.evaluate()["eval_loss"]
+
+    def eval_loss_at_start(self) -> float | None:
+        for entry in self.state.log_history:
+            if "eval_loss" in entry:
+                return entry["eval_loss"]
+        return None
+
+    def mean_train_loss(self, train_out, resumed: bool) -> float:
+        """The mean training loss over all steps. After a resume the Trainer sums only the steps
+        of this attempt but divides by all of them; the log history (restored with the
+        checkpoint) still holds every logged interval, so average that, weighted by length."""
+        if not resumed:
+            return train_out.training_loss
+        total, steps, last = 0.0, 0, 0
+        for entry in self.state.log_history:
+            if "loss" in entry and "step" in entry:
+                span = entry["step"] - last
+                total, steps, last = total + float(entry["loss"]) * span, steps + span, entry["step"]
+        return total / steps if steps else train_out.training_loss
+
+    def save_weights(self, out, rt: parallel.Runtime, full_model: bool) -> None:
+        """Adapter (or the full model, for fft) into the run dir. Called on every rank (ZeRO-3
+        gathers are collectives); rank 0 writes."""
+        engine = getattr(self, "deepspeed", None) or getattr(self, "model_wrapped", None)
+        if rt.zero_stage == 3 and hasattr(engine, "empty_partition_cache"):
+            # a forward outside the engine (the benchmark) can leave ZeRO-3 prefetches in flight,
+            # and the gather below would then fail ("Cannot partition a param in flight")
+            engine.empty_partition_cache()
+        if full_model:
+            self.save_model(str(out / "model"))  # the Trainer gathers under ZeRO-3 and writes on rank 0
+            return
+        with parallel.gathered(_adapter_parameters(self.model)):
+            if self.is_world_process_zero():
+                adapters.save_adapter(self.model, out / "adapter")
+        parallel.barrier()
+
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         if model.training and "attention_mask" in inputs:
             self.trained_tokens += int(inputs["attention_mask"].sum())
@@ -150,6 +255,18 @@ class _Restartable:
         with warnings.catch_warnings():  # "step() before optimizer.step()": a restart at step 0
             warnings.simplefilter("ignore", UserWarning)
             scheduler.step()
+
+
+def _adapter_parameters(model) -> list:
+    """What an adapter save reads: the trainable weights and the frozen adapter weights too
+    (MoLE's frozen experts), never the base layer's."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}
+    from .adapters.layer import AdapterLinear
+
+    for module in model.modules():
+        if isinstance(module, AdapterLinear):
+            params.update({id(p): p for n, p in module.named_parameters() if not n.startswith("base_layer.")})
+    return list(params.values())
 
 
 class ResampleCallback(TrainerCallback):

@@ -134,7 +134,7 @@ def test_deepspeed_conflicts_are_config_errors(overrides, message):
 def test_deepspeed_options_validate_on_cpu(option):
     cfg = compose([f"deepspeed={option}", "trainer.devices=2"])
     validate(cfg)
-    from cola_train.distributed import deepspeed_config, zero_stage
+    from cola_train.parallel import deepspeed_config, zero_stage
 
     ds = deepspeed_config(cfg)
     assert ds["optimizer"]["params"]["torch_adam"] is True
@@ -160,7 +160,7 @@ def test_a_rank_dying_after_the_run_completed_keeps_its_results(tmp_path, monkey
     """torchrun's exit code is not the last word: a rank that aborts in teardown after rank 0
     wrote a completed results.json has lost nothing (seen once in CI: gloo's threads aborting at
     exit); without such a results.json the job fails as before."""
-    from cola_train import distributed
+    from cola_train import launch
 
     results = {"status": "completed", "eval": {"loss": 1.25}}
 
@@ -172,8 +172,8 @@ def test_a_rank_dying_after_the_run_completed_keeps_its_results(tmp_path, monkey
         def wait(self):
             return 1
 
-    monkeypatch.setattr(distributed.subprocess, "Popen", Torchrun)
-    got = distributed.launch_local_ranks(compose(["trainer.devices=2"]), tmp_path, [], sweeping=True)
+    monkeypatch.setattr(launch.subprocess, "Popen", Torchrun)
+    got = launch.launch_local_ranks(compose(["trainer.devices=2"]), tmp_path, [], sweeping=True)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     if written:
         assert got == results and on_disk == results
@@ -199,7 +199,7 @@ def test_cli_deepspeed_conflict_is_one_line_before_training(tmp_path, data_root)
 
 
 def test_deepspeed_launcher_local_rank_argument_is_dropped(monkeypatch):
-    from cola_train.distributed import preflight
+    from cola_train.launch import preflight
 
     env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
     monkeypatch.setattr(os, "environ", env)  # preflight sets LOCAL_RANK: keep it out of later tests

@@ -61,7 +61,7 @@ def test_ctrl_c_checkpoints_says_so_in_one_line_and_resume_continues(tmp_path, d
     _, err = proc.communicate(timeout=300)
     stopped = _check_interrupted(proc, err, run_dir)
 
-    from cola_train.distributed import resuming
+    from cola_train.preemption import resuming
 
     assert not resuming(run_dir)          # not a preemption: the same command alone would start afresh
     again = run_cli(args + ["trainer.resume=true"])
@@ -88,19 +88,19 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path, data_root):
 
 
 def test_a_stop_signal_outside_slurm_says_nothing_of_requeueing(monkeypatch, caplog):
-    from cola_train import distributed
+    from cola_train import preemption
 
     for var in ("SLURM_JOB_ID", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(distributed._FLAG, "signum", None)
+    monkeypatch.setattr(preemption._SIGNALS, "preempt_signum", None)
     with caplog.at_level("WARNING", logger="cola_train"):
-        distributed._on_signal(signal.SIGTERM, None)
+        preemption._on_signal(signal.SIGTERM, None)
     assert "requeu" not in caplog.text and "then stopping (the same command resumes)" in caplog.text
     caplog.clear()
-    monkeypatch.setattr(distributed._FLAG, "signum", None)
+    monkeypatch.setattr(preemption._SIGNALS, "preempt_signum", None)
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     with caplog.at_level("WARNING", logger="cola_train"):
-        distributed._on_signal(signal.SIGUSR2, None)
+        preemption._on_signal(signal.SIGUSR2, None)
     assert "then requeueing" in caplog.text                          # under SLURM: as before
 
 

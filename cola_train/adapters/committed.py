@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft.utils.integrations import gather_params_ctx  # the weight under ZeRO-3; no-op otherwise
+from ..parallel import gathered  # the weight whole under ZeRO-3; no-op otherwise
 
 A_KEY, B_KEY = "committed_A", "committed_B"
 
@@ -77,7 +77,7 @@ def fold(linear: nn.Module) -> None:
         return
     A, B = found
     weight = linear.weight
-    with gather_params_ctx(weight, modifier_rank=0):
+    with gathered(weight, modify=True):
         delta = B.to(weight.device, torch.float64) @ A.to(weight.device, torch.float64)
         weight.data.copy_((weight.data.double() + delta).to(weight.dtype))
     remove(linear)

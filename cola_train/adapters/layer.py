@@ -24,13 +24,7 @@ from . import committed, fused_ops
 from . import init as inits
 from .spec import AdapterError
 
-try:  # gathers the weight under DeepSpeed ZeRO-3, no-op otherwise
-    from peft.utils.integrations import gather_params_ctx
-except ImportError:  # pragma: no cover
-    import contextlib
-
-    def gather_params_ctx(param, modifier_rank=0, fwd_module=None):
-        return contextlib.nullcontext()
+from ..parallel import gathered  # the weight whole under DeepSpeed ZeRO-3, no-op otherwise
 
 
 COMMITTED_A, COMMITTED_B = "committed_A", "committed_B"  # saved names of the committed path
@@ -153,7 +147,7 @@ class AdapterLinear(nn.Module):
 
     # -- init --------------------------------------------------------------------------------
     def principal(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        with gather_params_ctx(self.base_layer.weight):
+        with gathered(self.base_layer.weight, modify=True):
             return inits.principal_factors(self.base_layer.weight, self.r, self.scaling, self.init_svd)
 
     @torch.no_grad()
@@ -164,7 +158,7 @@ class AdapterLinear(nn.Module):
         self.B0 = B0.detach().to(**fac).clone()
         self.init_coef = float(coef)
         weight = self.base_layer.weight
-        with gather_params_ctx(weight, modifier_rank=0):
+        with gathered(weight, modify=True):
             weight.data.copy_(inits.residual(weight.data, self.A0, self.B0, self.init_coef,
                                              self.init_svd.residual_dtype))
 
@@ -179,7 +173,7 @@ class AdapterLinear(nn.Module):
         if self.merged:
             return
         weight = self.base_layer.weight
-        with gather_params_ctx(weight, modifier_rank=0):
+        with gathered(weight, modify=True):
             weight.data.copy_((weight.data.float() + self._delta_weight()).to(weight.dtype))
         self.merged = True
 
@@ -188,7 +182,7 @@ class AdapterLinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        with gather_params_ctx(weight, modifier_rank=0):
+        with gathered(weight, modify=True):
             weight.data.copy_((weight.data.float() - self._delta_weight()).to(weight.dtype))
         self.merged = False
 
