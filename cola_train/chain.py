@@ -63,7 +63,8 @@ CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 STATE_JSON = "chain_state.json"
 STATE_TENSORS = "chain_state.safetensors"
 FORMAT = "cola_train.chain/1"
-FROM_CHAIN = ("r", "alpha", "dropout", "target_modules", "svd", "svd_niter")   # per-link LoRA settings, the SVD of a PiSSA base
+FROM_CHAIN = ("r", "alpha", "dropout", "target_modules", "svd", "svd_niter",
+              "lr_scale_A", "lr_scale_B", "init_tilt")   # per-link LoRA settings, the SVD of a PiSSA base
 MERGEABLE = "lora, pissa, cola_fully, cola_random, cola_heuristic"
 LINK_WARMUPS = ("scaled", "full")
 MERGES = ("factors", "weights")

@@ -64,6 +64,11 @@ class MethodConfig:
     restart_lr: bool = True
     link_warmup: str = "scaled"                # scaled | full: each link's share of the warm-up, or all of it
     merge: str = "factors"                     # factors (exact, beside the weights) | weights (W += BA, rounds)
+    # Per-factor scales (factor_scales.py): A-factors' lr x lr_scale_A, B-factors' x lr_scale_B; at
+    # init A x init_tilt, B / init_tilt (B A unchanged). The collapsed control of CoLA-fully(M, N).
+    lr_scale_A: float = 1.0
+    lr_scale_B: float = 1.0
+    init_tilt: float = 1.0
 
 
 @dataclass
@@ -242,6 +247,9 @@ def validate(cfg) -> None:
             raise ConfigError(f"method.dropout={m.dropout} is outside [0, 1)")
         if m.svd_niter < 0:
             raise ConfigError(f"method.svd_niter={m.svd_niter} must be >= 0")
+    from .factor_scales import check as check_factor_scales
+
+    check_factor_scales(m)  # lr_scale_A/B, init_tilt: > 0, and a method with factors
     e = cfg.eval
     if e.max_examples is not None and e.max_examples < 1:  # else select_subset fails after training
         raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 1 (or null: every question)")

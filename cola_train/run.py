@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, checks, distributed, kernels, resume as resuming
+from . import adapters, chain, checks, distributed, factor_scales, kernels, resume as resuming
 from .config import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
@@ -88,6 +88,7 @@ def build_model(cfg, phases: Phases | None = None):
     with phases("adapter init"):
         model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets),  # chain: its base
                                         seed=cfg.seed)
+        factor_scales.tilt_init(model)  # method.init_tilt: A x t, B / t, the output unchanged
     mixed = any(_precision(cfg).values())
     if mixed and cfg.trainer.master_weights and not distributed.deepspeed_enabled(cfg):
         log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))

@@ -9,7 +9,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import adapters, checkpoints
+from . import adapters, checkpoints, factor_scales
 from .results import append_jsonl
 
 
@@ -19,6 +19,12 @@ class ColaTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_tokens = 0
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, its groups split by factor for method.lr_scale_A/B (factor_scales.py)."""
+        super().create_optimizer(model)
+        factor_scales.split_param_groups(self.optimizer, self.model if model is None else model)
+        return self.optimizer
 
     # -- checkpoints: our own layers save and load only what cannot be rebuilt (checkpoints.py)
     def _slim(self) -> bool:
