@@ -250,6 +250,9 @@ def validate(cfg) -> None:
     from .factor_scales import check as check_factor_scales
 
     check_factor_scales(m)  # lr_scale_A/B, init_tilt: > 0, and a method with factors
+    from .symmetry import check as check_symmetry
+
+    check_symmetry(m)  # a mixture whose experts start identical under a uniform gate stays one adapter
     e = cfg.eval
     if e.max_examples is not None and e.max_examples < 1:  # else select_subset fails after training
         raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 1 (or null: every question)")

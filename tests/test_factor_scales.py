@@ -173,3 +173,4 @@ def test_scale_without_that_factor_is_refused(tmp_path):
             p.requires_grad_(False)
     with pytest.raises(ConfigError, match=r"method\.lr_scale_B=2, but method=pissa has no trainable B-factor"):
         _groups(model, tmp_path=tmp_path)
+
