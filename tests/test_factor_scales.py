@@ -174,3 +174,23 @@ def test_scale_without_that_factor_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"method\.lr_scale_B=2, but method=pissa has no trainable B-factor"):
         _groups(model, tmp_path=tmp_path)
 
+
+
+def test_build_model_applies_the_tilt():
+    """run.build_model tilts right after attaching: pissa_collapsed's A = sqrt(2/3) x pissa's."""
+    from transformers import set_seed
+
+    from cola_train.run import build_model
+
+    from conftest import compose
+
+    over = ["model=tiny_llama", "method.svd=exact", "method.dropout=0.0"]
+    set_seed(0)   # as run() does before build_model: the same random tiny model twice
+    _, plain, _ = build_model(compose(over + ["method=pissa"]))
+    set_seed(0)
+    _, tilted, _ = build_model(compose(over + ["method=pissa_collapsed"]))
+    p, t = dict(plain.named_parameters()), dict(tilted.named_parameters())
+    name = next(n for n in p if n.endswith("layers.0.self_attn.q_proj.lora_A.default.weight"))
+    assert torch.allclose(t[name], math.sqrt(2 / 3) * p[name], rtol=1e-6, atol=0)
+    assert torch.allclose(t[name.replace("lora_A", "lora_B")], p[name.replace("lora_A", "lora_B")] / math.sqrt(2 / 3),
+                          rtol=1e-6, atol=0)
