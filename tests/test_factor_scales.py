@@ -194,3 +194,33 @@ def test_build_model_applies_the_tilt():
     assert torch.allclose(t[name], math.sqrt(2 / 3) * p[name], rtol=1e-6, atol=0)
     assert torch.allclose(t[name.replace("lora_A", "lora_B")], p[name.replace("lora_A", "lora_B")] / math.sqrt(2 / 3),
                           rtol=1e-6, atol=0)
+
+
+def _losses(run_dir):
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+def test_cli_cola_fully_and_its_collapsed_control_train_alike(tmp_path, data_root):
+    """The real CLI path (Trainer's AdamW, our param groups, the tilt in build_model): CoLA-fully(2, 3)
+    and method=pissa_collapsed give the same training losses (fp32, no clipping; float32 init
+    rounding only), plain PiSSA with the same lr scales but no tilt does not."""
+    from conftest import TINY, run_cli
+
+    common = [a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.save_steps"))] + [
+        "trainer.max_steps=5", "trainer.save_steps=0", "trainer.lr=1e-2", "trainer.max_grad_norm=0",
+        "method.svd=exact", "method.dropout=0.0", "trainer.precision=fp32"]
+    runs = {"cola": ["method=cola_fully"], "control": ["method=pissa_collapsed"],
+            "untilted": ["method=pissa", "method.lr_scale_A=2", "method.lr_scale_B=3"]}
+    losses = {}
+    for name, args in runs.items():
+        proc = run_cli(common + args + [f"hydra.run.dir={tmp_path / name}"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        losses[name] = _losses(tmp_path / name)
+    assert len(losses["cola"]) == 5
+    gap = lambda a, b: max(abs(x - y) for x, y in zip(losses[a], losses[b]))
+    assert gap("cola", "control") < 1e-4, losses
+    assert gap("cola", "untilted") > 1e-3, losses
