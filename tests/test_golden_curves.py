@@ -52,3 +52,27 @@ def test_pinned_curves_tell_methods_apart():
     for i, (a, ca) in enumerate(items):
         for b, cb in items[i + 1:]:
             assert golden.max_rel_error(ca, cb) > 1e-4, (a, b)
+
+
+# -- adapters saved by the code before the refactor ------------------------------------------------
+ADAPTERS = Path(__file__).resolve().parent.parent / "scripts" / "golden_adapters.py"
+
+
+def _adapters_script():
+    spec = importlib.util.spec_from_file_location("golden_adapters", ADAPTERS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+saved = _adapters_script()
+SAVED_LOSSES = json.loads((saved.FIXTURES / "losses.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(saved.METHODS))
+def test_adapter_saved_by_the_old_code_loads(name):
+    """tests/golden/adapters_v1 was written by main's code before the one-layer refactor
+    (scripts/golden_adapters.py --write): tensor names, residual base, committed links, routers
+    and PEFT records load, and the loaded model computes the loss the saving model did."""
+    got = saved.load(name)
+    assert abs(got - SAVED_LOSSES[name]) <= 1e-6 * abs(SAVED_LOSSES[name]), (name, got, SAVED_LOSSES[name])
