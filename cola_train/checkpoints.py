@@ -195,10 +195,10 @@ def _load_layer(layer, state: dict, coef: float, checkpoint: str) -> None:
                 weight = layer.base_layer.weight
                 weight.data.copy_(inits.residual(weight.data, layer.A0, layer.B0, -layer.init_coef))
             layer.set_initial(state["A0"], state["B0"], coef)
-    live = committed.factors(layer.base_layer)
+    live = committed.factors(layer)
     if COMMITTED_A in state:
         if live is None or not (_same(live[0], state[COMMITTED_A]) and _same(live[1], state[COMMITTED_B])):
-            committed.remove(layer.base_layer)
-            committed.append(layer.base_layer, state[COMMITTED_A], state[COMMITTED_B])
+            committed.remove(layer)
+            committed.append(layer, state[COMMITTED_A], state[COMMITTED_B])
     elif live is not None:
-        committed.remove(layer.base_layer)
+        committed.remove(layer)

@@ -80,7 +80,7 @@ def test_no_targets_and_unknown_key_and_double_attach():
 def test_omegaconf_node_accepted():
     node = OmegaConf.structured(cfg(strategy="heuristic"))
     model = attach_adapter(llama(), node, TARGETS)
-    assert model.model.layers[0].self_attn.q_proj.strategy == "heuristic"
+    assert model.model.layers[0].self_attn.q_proj.combiner.strategy == "heuristic"
 
 
 def test_routed_methods_cannot_merge_or_export(tmp_path):

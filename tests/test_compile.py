@@ -39,7 +39,7 @@ def _adapted(method: str, dropout: float = 0.0):
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 m.lora_B.normal_(0, 0.1)
-            if hasattr(m, "balance_coef"):
+            if hasattr(getattr(m, "combiner", None), "balance_coef"):
                 m.gate.weight.normal_(0, 0.5)
     return model
 
