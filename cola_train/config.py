@@ -56,6 +56,9 @@ class MethodConfig:
     balance_coef: float = 0.01
     expert_paths: List[str] = field(default_factory=list)
     freeze_experts: bool = False
+    # MoLA: each token's top_k experts; experts per layer group, bottom first ([] = num_A everywhere)
+    top_k: int = 2
+    experts_per_group: List[int] = field(default_factory=list)
     # Chain of LoRA: a schedule around another adapter (`base`)
     base: str = "lora"
     links: int = 1
@@ -171,7 +174,7 @@ def register_schemas() -> None:
 
 
 _CHOICES = {
-    "method.kind": ("none", "peft", "cola", "hydralora", "mole", "chain"),
+    "method.kind": ("none", "peft", "cola", "hydralora", "mole", "mola", "chain"),
     "method.strategy": ("fully", "random", "heuristic"),
     "method.init": ("lora", "pissa"),
     "method.svd": ("lowrank", "exact"),

@@ -240,7 +240,7 @@ class OursBackend(Backend):
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            combiner = combiner_type.from_config(cfg)
+            combiner = combiner_type.for_layer(cfg, name, names)   # MoLA: expert count per layer group
             if combiner.routed:
                 combiner.attach_collector(collector)   # the model's one collector (aux_loss)
             layer = LowRankLinear.from_config(getattr(parent, child), cfg, combiner, kernels)

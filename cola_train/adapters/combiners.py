@@ -22,6 +22,7 @@ class plus one registry line (registry.py).
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -45,6 +46,11 @@ class Combiner:
     @classmethod
     def from_config(cls, cfg) -> "Combiner":
         return cls(cfg.num_A, cfg.num_B)
+
+    @classmethod
+    def for_layer(cls, cfg, name: str, names: List[str]) -> "Combiner":
+        """The combiner of the target `name` among all targets `names` (default: the same for all)."""
+        return cls.from_config(cfg)
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -263,6 +269,7 @@ class RoutedCombiner(Combiner):
     E heads; head e uses B_e and A_e (or the shared A)."""
     routed = True
     router_name = "router"
+    softmax_routing = True    # probs = softmax(router(x)): the fused routed kernel applies
 
     def __init__(self, num_A: int, num_B: int, collector: Optional[AuxCollector] = None):
         super().__init__(num_A, num_B)
@@ -280,6 +287,10 @@ class RoutedCombiner(Combiner):
 
     def router(self, layer) -> nn.Linear:
         return getattr(layer, self.router_name)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token head weights from the router's logits: a softmax in at least float32."""
+        return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
     def attach_collector(self, collector: AuxCollector) -> None:
         self.collector = collector
@@ -407,6 +418,74 @@ class ExpertGate(RoutedCombiner):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_A}"
+
+
+class TopKRouter(RoutedCombiner):
+    """MoLA (Gao et al. 2024, "Higher Layers Need More LoRA Experts"; code GCYZSL/MoLA): E_l LoRA
+    experts (A_i, B_i) in layer l, each token routed to its top-k (k = method.top_k, 2):
+        y = Wx + sum_{i in TopK(p)} (p_i / sum_{TopK} p) s B_i A_i drop(x),   p = softmax(W_r x)
+    (the renormalisation of the kept probabilities: the authors' Linear_MoE.forward). E_l comes
+    from method.experts_per_group: the transformer layers split into len(groups) equal contiguous
+    groups from the bottom (the paper's 2,4,6,8 on 32 layers: 8 layers each; layer l in group
+    floor(l G / L)); empty: num_A experts everywhere. The router is Kaiming-initialised (as
+    in the code), B's start at zero. The code's optional Switch balance loss (off by default) is
+    not implemented. Oracle: tests/reference_moe.py, mola_linear / mola_expert_counts."""
+    softmax_routing = False
+    structural = ("top_k", "experts_per_group")
+
+    def __init__(self, num_A: int, num_B: int, top_k: int = 2, collector: Optional[AuxCollector] = None):
+        super().__init__(num_A, num_B, collector)
+        self.top_k = int(top_k)
+
+    @classmethod
+    def from_config(cls, cfg) -> "TopKRouter":
+        return cls(cfg.num_A, cfg.num_A, cfg.top_k)
+
+    @classmethod
+    def for_layer(cls, cfg, name: str, names: List[str]) -> "TopKRouter":
+        groups = list(cfg.experts_per_group or [])
+        if not groups:
+            return cls.from_config(cfg)
+        index = lambda n: int(re.search(r"\.(\d+)\.", n).group(1))
+        n_layers = 1 + max(index(n) for n in names)
+        experts = expert_counts(n_layers, groups)[index(name)]
+        return cls(experts, experts, cfg.top_k)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        counts = list(cfg.experts_per_group or []) or [cfg.num_A]
+        if cfg.top_k < 1 or any(int(c) < cfg.top_k for c in counts):
+            raise AdapterError(f"mola routes each token to its top {cfg.top_k}: every layer needs at least that "
+                               f"many experts and top_k >= 1 (num_A={cfg.num_A}, experts_per_group="
+                               f"{list(cfg.experts_per_group or [])})")
+        if cfg.num_B != cfg.num_A:
+            raise AdapterError(f"mola experts are (A_i, B_i) pairs: num_B must equal num_A={cfg.num_A}, got {cfg.num_B}")
+
+    @classmethod
+    def describe(cls, cfg) -> str:
+        return f"mola (experts_per_group={list(cfg.experts_per_group or []) or [cfg.num_A]}, top_k={cfg.top_k}, r={cfg.r})"
+
+    @torch.no_grad()
+    def reset(self, layer) -> None:
+        inits.kaiming_(self.router(layer).weight.data)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        p = super().probs(logits)
+        top = torch.topk(p, self.top_k, dim=-1)
+        kept = torch.zeros_like(p).scatter(-1, top.indices, top.values)
+        return kept / kept.sum(-1, keepdim=True)
+
+    def total_weight(self) -> float:
+        return 1.0   # the kept weights sum to one
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_A}, top_k={self.top_k}"
+
+
+def expert_counts(n_layers: int, groups: List[int]) -> List[int]:
+    """Experts per layer: layer l gets groups[floor(l * G / L)] (MoLA's layer groups, bottom first)."""
+    G = len(groups)
+    return [int(groups[(l * G) // n_layers]) for l in range(n_layers)]
 
 
 def gate_mean(probs: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,7 @@ class LowRankLinear(nn.Module):
         sum to one however the activations are stored."""
         router = self.combiner.router(self)
         x = self._cast_input(x, router.weight.dtype)
-        return torch.softmax(router(x), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+        return self.combiner.probs(router(x))
 
     def _routed_factors(self):
         """(router weight, [A_1; ..; A_G], [B_1 .. B_E] * s) as RoutedLowRankLinear takes them."""
@@ -224,6 +224,8 @@ class LowRankLinear(nn.Module):
 
     def _routed_kernel(self, x: torch.Tensor, up: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """fused_ops.RoutedLowRankLinear (with up: GatedRoutedLowRankMLP), or None."""
+        if not self.combiner.softmax_routing:   # the fused kernel computes a plain softmax (MoLA: top-k)
+            return None
         x2 = x.reshape(-1, x.shape[-1])
         u2 = None if up is None else up.reshape(-1, up.shape[-1])
         R, A, B = self._to_compute(x2, *self._routed_factors())
