@@ -173,7 +173,7 @@ def check_config(cfg) -> None:
         raise ConfigError(f"method.base={m.base!r} is a chain itself; name the method to chain ({MERGEABLE})")
     if base.kind == "none":
         raise ConfigError(f"method.base={m.base!r} is full fine-tuning: there is no adapter to merge ({MERGEABLE})")
-    if base.kind in ("hydralora", "mole", "mola"):
+    if base.kind in ("hydralora", "mole", "mole_block", "mola"):
         raise ConfigError(f"method.base={m.base!r} routes each token, so its update cannot be merged into the "
                           f"weights; chain a mergeable method ({MERGEABLE})")
     if base.kind == "peft" and base.use_dora:

@@ -29,7 +29,7 @@ from pathlib import Path
 log = logging.getLogger("cola_train")
 
 COMPLETE = "CHECKPOINT_COMPLETE"   # written after the Trainer has written all of a checkpoint
-SLIM_KINDS = ("cola", "hydralora", "mole", "mola")
+SLIM_KINDS = ("cola", "hydralora", "mole", "mole_block", "mola")
 
 
 class CheckpointError(RuntimeError):

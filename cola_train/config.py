@@ -174,7 +174,7 @@ def register_schemas() -> None:
 
 
 _CHOICES = {
-    "method.kind": ("none", "peft", "cola", "hydralora", "mole", "mola", "chain"),
+    "method.kind": ("none", "peft", "cola", "hydralora", "mole", "mole_block", "mola", "chain"),
     "method.strategy": ("fully", "random", "heuristic"),
     "method.init": ("lora", "pissa"),
     "method.svd": ("lowrank", "exact"),

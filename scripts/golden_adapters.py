@@ -27,7 +27,7 @@ METHODS = {
     "cola_heuristic": ["method=cola_heuristic"],
     "cola_random": ["method=cola_random"],
     "hydralora": ["method=hydralora"],
-    "mole": ["method=mole"],
+    "mole": ["method=lora_moe"],   # our token-gated layer, formerly method=mole (the curve is the same)
     "chain_cola_heuristic": ["method=chain_of_lora", "method.links=2", "method.base=cola_heuristic"],
     "chain_lora": ["method=chain_of_lora", "method.links=2"],
 }

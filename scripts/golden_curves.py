@@ -41,7 +41,7 @@ METHODS = {
     "cola_heuristic_paper": ["method=cola_heuristic", "method.pairing=paper", "method.init=lora"],
     "cola_heuristic_code": ["method=cola_heuristic", "method.pairing=code", "method.init=lora"],
     "hydralora": ["method=hydralora"],
-    "mole": ["method=mole"],
+    "mole": ["method=lora_moe"],   # our token-gated layer, formerly method=mole (the curve is the same)
     "chain_of_lora": ["method=chain_of_lora", "method.links=2"],
     # without dropout: from link 2 on, our layers now run the fused kernels (committed links are a
     # frozen term of the layer, no longer a hook that turned them off), whose dropout masks come

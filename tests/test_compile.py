@@ -216,12 +216,12 @@ def test_mole_balance_loss_under_compile_is_refused_on_a_torch_that_gets_it_wron
     from conftest import TINY, compose
     from cola_train.config import ConfigError, validate
 
-    cfg = compose(TINY + ["method=mole", "trainer.compile=true"] + extra)
+    cfg = compose(TINY + ["method=lora_moe", "trainer.compile=true"] + extra)
     with mock.patch.object(torch, "__version__", version):
         if not refused:
             validate(cfg)
             return
-        expected = (r"^trainer.compile=true with method=mole \(balance_coef=0.01\) computes wrong gradients on "
+        expected = (r"^trainer.compile=true with method=lora_moe \(balance_coef=0.01\) computes wrong gradients on "
                     rf"torch {re.escape(version)}; needs torch>=2.13")
         with pytest.raises(ConfigError, match=expected):
             validate(cfg)

@@ -12,7 +12,7 @@ def test_mole_with_pissa_init_is_refused():
 
     from conftest import compose
 
-    with pytest.raises(ConfigError, match=r"method=mole with method\.init=pissa starts every expert as the same"):
-        validate(compose(["model=tiny_llama", "method=mole", "method.init=pissa"]))
-    validate(compose(["model=tiny_llama", "method=mole"]))          # init=lora: fine
+    with pytest.raises(ConfigError, match=r"method=lora_moe with method\.init=pissa starts every expert as the same"):
+        validate(compose(["model=tiny_llama", "method=lora_moe", "method.init=pissa"]))
+    validate(compose(["model=tiny_llama", "method=lora_moe"]))      # init=lora: fine
     validate(compose(["model=tiny_llama", "method=hydralora", "method.init=pissa"]))  # its router is not uniform

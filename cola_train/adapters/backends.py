@@ -228,7 +228,7 @@ class OursBackend(Backend):
 
     @property
     def mergeable(self) -> bool:
-        return not self.method.combiner.routed
+        return not self.method.combiner.routed and self.method.combiner.mergeable
 
     def attach(self, model, targets, seed, loading, log, kernels=DEFAULT_KERNELS):
         cfg, combiner_type = self.cfg, self.method.combiner
@@ -254,6 +254,7 @@ class OursBackend(Backend):
                 layer.init_pissa()
             _log_init_time(log, cfg, len(layers), started)
         combiner_type.prepare(layers, cfg, loading)   # e.g. MoLE's experts from PEFT adapters
+        combiner_type.install(model, layers, cfg, loading)   # MoLE as published: a gate per block
         gated_mlp.install(model)   # the layers that take (gate, up=up) say so (takes_gated_input)
         shared_qkv.install(model)  # static combiners only (can_share_input)
         self.collector = collector

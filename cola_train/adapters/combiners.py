@@ -35,6 +35,7 @@ from .spec import AdapterError
 
 class Combiner:
     routed = False
+    mergeable = True          # False: the update depends on more than the layer's input (MoLE's block gate)
     shared_A = False          # one A for every head: lora_A is (r, d_in), not (m, r, d_in)
     structural: Tuple[str, ...] = ()   # config fields a saved adapter must match (io.check_same_method)
     uses_expert_paths = False
@@ -75,6 +76,10 @@ class Combiner:
         """After every target is wrapped (and a PiSSA-style init ran): method-specific set-up of
         the layers {name: LowRankLinear}, e.g. loading pre-trained experts. `loading`: the
         tensors come from a saved adapter next (load_adapter)."""
+
+    @classmethod
+    def install(cls, model, layers: dict, cfg, loading: bool) -> None:
+        """After prepare: changes above the layers (MoLE as published wraps each decoder block)."""
 
     @torch.no_grad()
     def reset(self, layer) -> None:
@@ -227,6 +232,74 @@ class Random(StaticCombiner):
     def resample(self, layer, gen: torch.Generator) -> None:
         self.set_pairing(layer, pairing.draw(self.num_A, self.num_B, gen))
 
+
+
+class ExpertSwitch(StaticCombiner):
+    """MoLE as published (Wu, Huang, Wei, ICLR 2024): N frozen pre-trained LoRA experts per layer,
+    of which a MoLEBlock (mole_block.py) switches on none or one at a time (`layer.active_expert`)
+    to run the decoder block once without and once per expert; the block's gate (mole_gate.py,
+    created by `install` and kept on the block's first adapted linear, so it is saved with the
+    adapter) mixes the experts' block contributions. Only the gates train. Experts come from
+    method.expert_paths (PEFT LoRA dirs: our runs' `adapter/` or any PEFT LoRA). Not mergeable.
+    Oracle: tests/reference_moe.py, mole_block."""
+    strategy = "switch"
+    structural = ()
+    uses_expert_paths = True
+    mergeable = False
+
+    def __init__(self, num_A: int, num_B: int):
+        super().__init__(num_A, num_A)
+        self.collector = None     # mole_gate.GateCollector, shared by the model's switches (install)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.num_A < 2 or cfg.num_B != cfg.num_A:
+            raise AdapterError(f"mole gates between num_A >= 2 frozen experts (num_B = num_A): got num_A={cfg.num_A}, "
+                               f"num_B={cfg.num_B}")
+        if len(cfg.expert_paths) != cfg.num_A:
+            raise AdapterError(f"mole composes pre-trained LoRA experts: method.expert_paths must list num_A={cfg.num_A} "
+                               f"adapter dirs, got {len(cfg.expert_paths)} (scripts/mole_recipe.py trains them)")
+        if cfg.init != "lora":
+            raise AdapterError(f"mole loads its experts from method.expert_paths: method.init must be 'lora', got {cfg.init!r}")
+
+    @classmethod
+    def describe(cls, cfg) -> str:
+        return f"mole (MoLE as published: {cfg.num_A} frozen experts, a gate per block, r={cfg.r})"
+
+    def initial(self) -> torch.Tensor:
+        return torch.zeros(self.num_B, self.num_A)
+
+    def pairs(self, layer, train_rule: bool):
+        k = getattr(layer, "active_expert", None)
+        return [(0, 0, 0.0)] if k is None else [(k, k, 1.0)]
+
+    def factors(self, layer, A: torch.Tensor, B: torch.Tensor, train_rule: bool = False):
+        k = getattr(layer, "active_expert", None)
+        if k is None:
+            return A[0] * 0, B[:, 0] * 0
+        return A[k], B[:, k] * layer.scaling
+
+    def total_weight(self) -> float:
+        return 1.0
+
+    @classmethod
+    def prepare(cls, layers: dict, cfg, loading: bool) -> None:
+        if not loading:
+            from .mole import load_experts
+
+            load_experts(layers, list(cfg.expert_paths))
+        for layer in layers.values():
+            layer.lora_A.requires_grad_(False)
+            layer.lora_B.requires_grad_(False)
+
+    @classmethod
+    def install(cls, model, layers: dict, cfg, loading: bool) -> None:
+        from .mole_block import install_blocks
+
+        install_blocks(model, layers, cfg.num_A)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_A}, switched by the block"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -134,9 +134,10 @@ def check_tensors(layers, tensors, cfg, directory) -> Dict[str, Dict[str, torch.
     per_layer = {name: {} for name in layers}
     for key, value in tensors.items():
         name, _, local = key.rpartition(".")
-        if local.startswith("weight"):  # submodule parameter, e.g. router.weight
-            name, _, sub = name.rpartition(".")
-            local = f"{sub}.{local}"
+        if name not in layers:  # a submodule's tensor, e.g. router.weight, mole_gate.e
+            parent, _, sub = name.rpartition(".")
+            if parent in layers:
+                name, local = parent, f"{sub}.{local}"
         if name not in layers:
             raise AdapterError(f"adapter weight {key!r} in {directory!r} matches no {describe(cfg)} layer "
                                f"of this model")

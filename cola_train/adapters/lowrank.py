@@ -97,7 +97,7 @@ class LowRankLinear(nn.Module):
 
     @property
     def mergeable(self) -> bool:
-        return not self.combiner.routed
+        return not self.combiner.routed and self.combiner.mergeable
 
     @property
     def num_A(self) -> int:

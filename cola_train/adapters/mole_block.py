@@ -44,12 +44,21 @@ class MoLEBlock(nn.Module):
     """A decoder block with MoLE's gate over its experts (see the module doc)."""
 
     def __init__(self, block: nn.Module, experts: List[nn.Module], n_experts: int, d_model: int,
-                 padding: Optional[PaddingMask] = None, dtype=None, device=None):
+                 padding: Optional[PaddingMask] = None, dtype=None, device=None,
+                 gate: Optional[MoLEGate] = None):
         super().__init__()
         self.block = block
-        self.gate = MoLEGate(n_experts, d_model, dtype=dtype, device=device)
+        if gate is None:
+            self.gate = MoLEGate(n_experts, d_model, dtype=dtype, device=device)
+        else:   # owned by an adapted linear (saved with it); not registered here a second time
+            self._gate = (gate,)
         self._switches = experts          # the block's adapted linears (not registered twice)
         self._padding = padding
+
+    def __getattr__(self, name):
+        if name == "gate" and "_gate" in self.__dict__:
+            return self.__dict__["_gate"][0]
+        return super().__getattr__(name)
 
     def _run(self, expert: Optional[int], hidden_states, args, kwargs):
         for layer in self._switches:
@@ -72,3 +81,41 @@ class MoLEBlock(nn.Module):
         mask = self._padding.value if self._padding is not None else None
         G = self.gate(outs, mask)
         return MoLEGate.mix(base, outs, G)
+
+
+def install_blocks(model: nn.Module, layers: dict, n_experts: int) -> List[MoLEBlock]:
+    """Wrap every decoder block holding adapted linears in a MoLEBlock (method=mole). The block is
+    the module at the first numbered path segment of a layer's name (model.layers.3 for
+    model.layers.3.self_attn.q_proj). Each block's gate is created on its first adapted linear as
+    `mole_gate` (saved and loaded with the adapter); one GateCollector gives adapters.aux_loss the
+    balance loss over all gates; the model's 2-D attention mask reaches the gates through a
+    forward pre-hook."""
+    import re
+
+    from .mole_gate import GateCollector
+
+    by_block: dict = {}
+    for name, layer in layers.items():
+        found = re.match(r"^(.*?\.\d+)\.", name)
+        if found is None:
+            raise AdapterError(f"mole gates per transformer block, but {name!r} is in no numbered block")
+        by_block.setdefault(found.group(1), []).append(layer)
+    padding = PaddingMask()
+    model.register_forward_pre_hook(padding.hook, with_kwargs=True)
+    collector = GateCollector()
+    wrapped = []
+    for path, switches in by_block.items():
+        parent, _, index = path.rpartition(".")
+        container = model.get_submodule(parent)
+        block = container[int(index)]
+        d_model = getattr(getattr(model, "config", None), "hidden_size", None) or switches[0].in_features
+        w = switches[0].base_layer.weight
+        gate = MoLEGate(n_experts, d_model, dtype=torch.float32 if w.dtype in (torch.float16, torch.bfloat16)
+                        else w.dtype, device=w.device)
+        switches[0].mole_gate = gate
+        collector.gates.append(gate)
+        for layer in switches:
+            layer.combiner.collector = collector
+        container[int(index)] = MoLEBlock(block, switches, n_experts, d_model, padding, gate=gate)
+        wrapped.append(container[int(index)])
+    return wrapped

@@ -73,3 +73,16 @@ def aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
     """BALANCE_WEIGHT * balance_loss over every MoLEGate's latest training forward, or None."""
     gates = [m.last for m in model.modules() if isinstance(m, MoLEGate) and m.last is not None]
     return None if not gates else BALANCE_WEIGHT * balance_loss(gates)
+
+
+class GateCollector:
+    """What adapters.aux_loss asks a layer's combiner for (`collector.loss()`): the balance loss
+    over all of the model's MoLE gates, BALANCE_WEIGHT * -log prod q, from their latest training
+    forward (None when there was none)."""
+
+    def __init__(self):
+        self.gates: List[MoLEGate] = []
+
+    def loss(self) -> Optional[torch.Tensor]:
+        seen = [g.last for g in self.gates if g.last is not None]
+        return None if not seen else BALANCE_WEIGHT * balance_loss(seen)

@@ -58,6 +58,7 @@ register("cola/random", OursBackend, combiners.Random)
 register("cola/heuristic", OursBackend, combiners.Heuristic)
 register("hydralora", OursBackend, combiners.HeadRouter)
 register("mole", OursBackend, combiners.ExpertGate)
+register("mole_block", OursBackend, combiners.ExpertSwitch)   # MoLE as published (method=mole)
 register("mola", OursBackend, combiners.TopKRouter)      # MoLA: top-k routing, experts per layer group
 
 
