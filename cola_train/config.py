@@ -176,7 +176,7 @@ def register_schemas() -> None:
 _CHOICES = {
     "method.kind": ("none", "peft", "cola", "hydralora", "mole", "mole_block", "mola", "chain"),
     "method.strategy": ("fully", "random", "heuristic"),
-    "method.init": ("lora", "pissa"),
+    "method.init": ("lora", "pissa", "pissa_split"),
     "method.svd": ("lowrank", "exact"),
     "method.impl": ("fused", "loop"),
     "method.pairing": ("paper", "code"),

@@ -247,11 +247,11 @@ class OursBackend(Backend):
             layer.init_svd = inits.SVDChoice(cfg.svd, cfg.svd_niter, inits.layer_seed(seed, name))
             setattr(parent, child, layer)
             layers[name] = layer
-        if not loading and cfg.init == "pissa":
+        if not loading and cfg.init in ("pissa", "pissa_split"):
             started = time.perf_counter()
             for layer in bar(layers.values(), desc=f"PiSSA init ({cfg.svd} SVD)", total=len(layers),
                              unit="layer"):
-                layer.init_pissa()
+                layer.init_pissa() if cfg.init == "pissa" else layer.init_pissa_split()
             _log_init_time(log, cfg, len(layers), started)
         combiner_type.prepare(layers, cfg, loading)   # e.g. MoLE's experts from PEFT adapters
         combiner_type.install(model, layers, cfg, loading)   # MoLE as published: a gate per block

@@ -156,7 +156,7 @@ def check_tensors(layers, tensors, cfg, directory) -> Dict[str, Dict[str, torch.
         if extra:
             raise AdapterError(f"adapter weight '{name}.{sorted(extra)[0]}' is not part of method {describe(cfg)}")
         has_init = "A0" in got and "B0" in got
-        if ("A0" in got) != ("B0" in got) or (cfg.init == "pissa" and not has_init):
+        if ("A0" in got) != ("B0" in got) or (cfg.init in ("pissa", "pissa_split") and not has_init):
             raise AdapterError(f"adapter layer {name!r} in {directory!r} lacks its initial factors A0/B0")
         if (COMMITTED_A in got) != (COMMITTED_B in got):
             raise AdapterError(f"adapter layer {name!r} in {directory!r} has only one of its committed factors "

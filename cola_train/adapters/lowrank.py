@@ -373,6 +373,34 @@ class LowRankLinear(nn.Module):
         self.set_initial(a, b, self.scaling * total)
 
     @torch.no_grad()
+    def init_pissa_split(self, noise: float = 0.1) -> None:
+        """method.init=pissa_split (OUR extension, split_init.py): heuristic groups get distinct
+        singular blocks of W's top K.r; random keeps split PiSSA's B's and gives the A's a seeded
+        zero-sum perturbation (relative size `noise`); the residual is formed from the factors
+        used, so the step-0 output is the base model's either way."""
+        from . import split_init
+
+        strategy = getattr(self.combiner, "strategy", None)
+        if strategy == "random":   # every B the same b: b (sum_i A_i) whatever the draw
+            a, b = inits.split(*self.principal(), self.combiner.total_weight())
+            fac = self._factory()
+            a, b = a.to(**fac), b.to(**fac)
+            A = split_init.zero_sum_perturbation(a.expand_as(self.lora_A).clone(), noise, self.init_svd.seed)
+            self.lora_A.data.copy_(A)
+            self.lora_B.data.copy_(b[:, None, :].expand_as(self.lora_B))
+            self.set_initial(self.lora_A.data.sum(0), b, self.scaling)
+            return
+        if strategy != "heuristic":
+            raise AdapterError("method.init=pissa_split applies to cola_heuristic and cola_random: fully reads only "
+                               "sum(B) sum(A), so no init breaks its copies' symmetry (docs/PROTOCOL.md)")
+        A, B = split_init.split_directions(self.base_layer.weight, self.r, self.scaling, self.pairing, self.init_svd)
+        fac = self._factory()
+        self.lora_A.data.copy_(A.to(**fac))
+        self.lora_B.data.copy_(B.to(**fac))
+        A0, B0 = split_init.effective(self.lora_A.data.float(), self.lora_B.data.float(), self.pairing.float(), self.scaling)
+        self.set_initial(A0, B0, 1.0)
+
+    @torch.no_grad()
     def set_initial(self, A0: torch.Tensor, B0: torch.Tensor, coef: float) -> None:
         """Record the initial update and move it out of the (original) base weight."""
         fac = self._factory()

@@ -12,7 +12,7 @@ from torch import nn
 
 from cola_train.config import MethodConfig
 
-INITS = ("lora", "pissa")
+INITS = ("lora", "pissa", "pissa_split")   # pissa_split: our symmetry-breaking init (split_init.py)
 IMPLS = ("fused", "loop")
 PAIRINGS = ("paper", "code")   # pairing.RULES: the heuristic strategy's two definitions
 SVDS = ("lowrank", "exact")
@@ -68,6 +68,10 @@ def validate(cfg: MethodConfig) -> None:
         raise AdapterError(f"method.dropout must be in [0, 1), got {cfg.dropout!r}")
     if cfg.init not in INITS:
         raise AdapterError(f"unknown method.init {cfg.init!r} (expected one of {', '.join(INITS)})")
+    if cfg.init == "pissa_split" and not (cfg.kind == "cola" and cfg.strategy in ("heuristic", "random")):
+        raise AdapterError(f"method.init=pissa_split (our symmetry-breaking init) applies to cola_heuristic and "
+                           f"cola_random, not {cfg.name} (kind={cfg.kind}, strategy={cfg.strategy}): fully reads only "
+                           f"sum(B) sum(A), so no init breaks its copies' symmetry")
     if cfg.svd not in SVDS:
         raise AdapterError(f"unknown method.svd {cfg.svd!r} (expected one of {', '.join(SVDS)})")
     if not isinstance(cfg.svd_niter, int) or cfg.svd_niter < 0:
