@@ -17,9 +17,10 @@ status "completed" and an adapter dir) is not trained again, so the same command
 interrupted one stopped. A failed expert stops the recipe before the gate (exit code of that run).
 --dry-run prints the commands.
 
-The gate's method is --gate-method (default: mole). Until `method=mole` is MoLE as published
-(issue #23; today's layer is a per-layer, per-token gate over the same frozen experts), this runs
-that layer; the recipe's keys (method.expert_paths, num_A, freeze_experts) stay the same.
+The gate's method is --gate-method (default: mole, MoLE as published: a gate per block over the
+frozen experts; `lora_moe`: our per-layer, per-token gate over them, frozen by
+method.freeze_experts=true). The experts' rank must be the gate run's method.r (the same r in
+both: pass it after `--`).
 """
 from __future__ import annotations
 
