@@ -393,7 +393,8 @@ class LowRankLinear(nn.Module):
         if strategy != "heuristic":
             raise AdapterError("method.init=pissa_split applies to cola_heuristic and cola_random: fully reads only "
                                "sum(B) sum(A), so no init breaks its copies' symmetry (docs/PROTOCOL.md)")
-        A, B = split_init.split_directions(self.base_layer.weight, self.r, self.scaling, self.pairing, self.init_svd)
+        with gather_params_ctx(self.base_layer.weight):
+            A, B = split_init.split_directions(self.base_layer.weight, self.r, self.scaling, self.pairing, self.init_svd)
         fac = self._factory()
         self.lora_A.data.copy_(A.to(**fac))
         self.lora_B.data.copy_(B.to(**fac))
