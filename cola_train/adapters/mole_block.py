@@ -58,7 +58,13 @@ class MoLEBlock(nn.Module):
     def __getattr__(self, name):
         if name == "gate" and "_gate" in self.__dict__:
             return self.__dict__["_gate"][0]
-        return super().__getattr__(name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            # what the model asks of its decoder layers (e.g. attention_type) is the block's
+            return getattr(super().__getattr__("block"), name)
 
     def _run(self, expert: Optional[int], hidden_states, args, kwargs):
         for layer in self._switches:
