@@ -76,7 +76,8 @@ STATE_JSON = "chain_state.json"
 STATE_TENSORS = "chain_state.safetensors"
 FORMAT = "cola_train.chain/2"  # 2: the lr scheduler's step count in a checkpoint is global
 FORMAT_1 = "cola_train.chain/1"
-FROM_CHAIN = ("r", "alpha", "dropout", "target_modules", "svd", "svd_niter")   # per-link LoRA settings, the SVD of a PiSSA base
+FROM_CHAIN = ("r", "alpha", "dropout", "target_modules", "svd", "svd_niter",
+              "lr_scale_A", "lr_scale_B", "init_tilt")   # per-link LoRA settings, the SVD of a PiSSA base
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 log = logging.getLogger("cola_train")
 
 COMPLETE = "CHECKPOINT_COMPLETE"   # written after the Trainer has written all of a checkpoint
-SLIM_KINDS = ("cola", "hydralora", "mole")
+SLIM_KINDS = ("cola", "hydralora", "mole", "mole_block", "mola")
 
 
 class CheckpointError(RuntimeError):
@@ -183,7 +183,7 @@ def _load_layer(layer, state: dict, coef: float, checkpoint: str) -> None:
     """One layer: its own tensors copied in; the residual base and the committed path rebuilt
     only where this run's differ from the checkpoint's (an exact rebuild of what the run had)."""
     from .adapters import committed, init as inits
-    from .adapters.layer import COMMITTED_A, COMMITTED_B, OPTIONAL_STATE
+    from .adapters.lowrank import COMMITTED_A, COMMITTED_B, OPTIONAL_STATE
 
     layer.load_adapter_state({k: v for k, v in state.items() if k not in OPTIONAL_STATE}, coef)
     if "A0" in state:
@@ -195,10 +195,10 @@ def _load_layer(layer, state: dict, coef: float, checkpoint: str) -> None:
                 weight = layer.base_layer.weight
                 weight.data.copy_(inits.residual(weight.data, layer.A0, layer.B0, -layer.init_coef))
             layer.set_initial(state["A0"], state["B0"], coef)
-    live = committed.factors(layer.base_layer)
+    live = committed.factors(layer)
     if COMMITTED_A in state:
         if live is None or not (_same(live[0], state[COMMITTED_A]) and _same(live[1], state[COMMITTED_B])):
-            committed.remove(layer.base_layer)
-            committed.append(layer.base_layer, state[COMMITTED_A], state[COMMITTED_B])
+            committed.remove(layer)
+            committed.append(layer, state[COMMITTED_A], state[COMMITTED_B])
     elif live is not None:
-        committed.remove(layer.base_layer)
+        committed.remove(layer)

@@ -35,13 +35,16 @@ class Kind(StrEnum):
     peft = "peft"
     cola = "cola"
     hydralora = "hydralora"
-    mole = "mole"
+    mole = "mole"               # our token-gated mixture of jointly trained experts (method=lora_moe)
+    mole_block = "mole_block"   # MoLE as published (method=mole): frozen experts, a gate per block
+    mola = "mola"               # MoLA: top-k routing, more experts in higher layers
     chain = "chain"
 
 
 class Init(StrEnum):
     lora = "lora"          # Kaiming A, zero B
     pissa = "pissa"        # W's top-r SVD part (docs/INIT.md)
+    pissa_split = "pissa_split"   # our extension: CoLA's copies on distinct singular directions (split_init.py)
 
 
 class Svd(StrEnum):
@@ -179,6 +182,11 @@ class AdapterSchema(MethodSchema):
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: Optional[List[str]] = None  # None: the model's own list
+    # Per-factor scales (factor_scales.py): A-factors' lr x lr_scale_A, B-factors' x lr_scale_B; at
+    # init A x init_tilt, B / init_tilt (B A unchanged). The collapsed control of CoLA-fully(M, N).
+    lr_scale_A: float = 1.0
+    lr_scale_B: float = 1.0
+    init_tilt: float = 1.0
 
     def check(self, where: str = "method") -> None:
         if self.r < 1:
@@ -274,6 +282,31 @@ MERGEABLE = (Kind.peft, Kind.cola)   # a chain's base: an update that merges exa
 
 
 @dataclass
+class MoleBlockSchema(AdapterSchema):
+    """MoLE as published (method=mole): num_A frozen pre-trained LoRA experts from expert_paths,
+    one gate per transformer block (adapters/mole_gate.py); the combiner checks the rest."""
+    kind: Kind = Kind.mole_block
+    num_A: int = 2
+    num_B: int = 2
+    init: Init = Init.lora
+    expert_paths: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MolaSchema(AdapterSchema):
+    """MoLA: jointly trained LoRA experts, each token routed to its top_k, experts_per_group
+    experts in each layer group from the bottom ([]: num_A everywhere)."""
+    kind: Kind = Kind.mola
+    num_A: int = 8
+    num_B: int = 8
+    top_k: int = 2
+    experts_per_group: List[int] = field(default_factory=list)
+    init: Init = Init.lora
+    svd: Svd = Svd.lowrank
+    svd_niter: int = 16
+
+
+@dataclass
 class ChainSchema(AdapterSchema):
     """Chain of LoRA: a schedule around another method, `base`, which comes from the defaults
     list (`/method@base: lora` in conf/method/chain_of_lora.yaml; `method.base=<name>` on the
@@ -345,7 +378,8 @@ CHAIN_BASES = ("lora", "pissa", "cola_fully", "cola_random", "cola_heuristic")
 # kind -> its schema: the ConfigStore entry conf/method/<name>.yaml names in its defaults
 METHOD_SCHEMAS: Dict[Kind, type] = {
     Kind.none: FullFinetuneSchema, Kind.peft: PeftSchema, Kind.cola: ColaSchema,
-    Kind.hydralora: HydraLoraSchema, Kind.mole: MoleSchema, Kind.chain: ChainSchema,
+    Kind.hydralora: HydraLoraSchema, Kind.mole: MoleSchema, Kind.mole_block: MoleBlockSchema,
+    Kind.mola: MolaSchema, Kind.chain: ChainSchema,
 }
 
 
@@ -388,6 +422,9 @@ class MethodConfig:
     balance_coef: float = 0.01
     expert_paths: List[str] = field(default_factory=list)
     freeze_experts: bool = False
+    # MoLA: each token's top_k experts; experts per layer group, bottom first ([] = num_A everywhere)
+    top_k: int = 2
+    experts_per_group: List[int] = field(default_factory=list)
     # Chain of LoRA: a schedule around another adapter (`base`)
     base: Any = "lora"
     links: int = 1
@@ -396,6 +433,11 @@ class MethodConfig:
     restart_lr: bool = True
     link_warmup: str = "scaled"                # scaled | full: each link's share of the warm-up, or all of it
     merge: str = "factors"                     # factors (exact, beside the weights) | weights (W += BA, rounds)
+    # Per-factor scales (factor_scales.py): A-factors' lr x lr_scale_A, B-factors' x lr_scale_B; at
+    # init A x init_tilt, B / init_tilt (B A unchanged). The collapsed control of CoLA-fully(M, N).
+    lr_scale_A: float = 1.0
+    lr_scale_B: float = 1.0
+    init_tilt: float = 1.0
 
 
 def method_view(method: Any, **changes) -> MethodConfig:

@@ -14,6 +14,9 @@ under "settings". Each metric is the mean and the sample standard deviation (ddo
 row's distinct seeds, with n = the number of distinct seeds. Jobs with one effective config *and*
 one seed are one run repeated, not seed variance: they count as one seed (their mean), the row
 says so under "duplicates", and the report warns.
+
+An lr sweep (experiment=lr_sweep) adds a table of each method at its own best lr, chosen by the
+mean validation loss and never by the benchmark (select_by_eval_loss; docs/PROTOCOL.md).
 """
 from __future__ import annotations
 
@@ -196,7 +199,8 @@ def summarize(jobs: list[Job]) -> list[dict]:
                "domain": str(flat.get("data.domain") or "?"),
                "n_train_samples": samples if isinstance(samples, int) else -1,
                "settings": ", ".join(f"{_setting_name(k)}={flat.get(k)}" for k in varying),
-               "n": len(seeds), "seeds": seeds, "jobs": len(members),
+               "n": len(seeds), "seeds": seeds, "jobs": len(members), "lr": flat.get("trainer.lr"),
+               "settings_but_lr": ", ".join(f"{_setting_name(k)}={flat.get(k)}" for k in varying if k != "trainer.lr"),
                "duplicates": {seed: [j.dir for j in by_seed[seed]] for seed in seeds if len(by_seed[seed]) > 1}}
         for name, _, path in METRICS:
             per_seed = []
@@ -209,6 +213,39 @@ def summarize(jobs: list[Job]) -> list[dict]:
         rows.append(row)
     rows.sort(key=lambda r: (r["model"], r["domain"], r["method"], r["n_train_samples"], r["settings"]))
     return rows
+
+
+def select_by_eval_loss(rows: list[dict]) -> list[dict]:
+    """The lr each method is compared at: within one (model, method, domain, size, other settings)
+    the row whose lr gave the lowest mean validation loss (eval.loss, the held-out split of the
+    training data). Never the benchmark: choosing by the test score would tune on the test set.
+    Only cells that tried more than one lr with a validation loss; each pick lists the lrs tried."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("lr") is not None and r["eval_loss"]["mean"] is not None:
+            key = (r["model"], r["method"], r["domain"], r["n_train_samples"], r.get("settings_but_lr", ""))
+            cells.setdefault(key, []).append(r)
+    picks = []
+    for members in cells.values():
+        if len({r["lr"] for r in members}) < 2:
+            continue
+        best = min(members, key=lambda r: (r["eval_loss"]["mean"], float(r["lr"])))
+        tried = sorted(members, key=lambda r: float(r["lr"]))
+        picks.append({**best, "tried": [(r["lr"], r["eval_loss"]["mean"]) for r in tried]})
+    return sorted(picks, key=lambda r: (r["model"], r["domain"], r["method"], r["n_train_samples"]))
+
+
+def selection_table(picks: list[dict]) -> str:
+    titles = ["model", "method", "other settings", "domain", "samples", "lr (by eval loss)", "n", "eval loss",
+              "accuracy", "lrs tried: eval loss"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for r in picks:
+        tried = "; ".join(f"{lr:g}: {loss:.4f}" for lr, loss in r["tried"])
+        lines.append("| " + " | ".join([
+            r["model"], r["method"], r.get("settings_but_lr", ""), r["domain"],
+            str(r["n_train_samples"]) if r["n_train_samples"] >= 0 else "?", f"{float(r['lr']):g}", str(r["n"]),
+            _cell(r["eval_loss"], "eval_loss", r["n"]), _cell(r["accuracy"], "accuracy", r["n"]), tried]) + " |")
+    return "\n".join(lines)
 
 
 def duplicates_text(row: dict) -> str:
@@ -405,6 +442,10 @@ def write_report(multirun_dir: str | Path, out_dir: str | Path | None = None) ->
         log.warning("report: %s", warning)
         md += [f"**Warning:** {warning}", ""]
     md += [markdown_table(rows) if rows else "_No completed jobs._", ""]
+    picks = select_by_eval_loss(rows)
+    if picks:  # an lr sweep (experiment=lr_sweep): each method at its own best lr, docs/PROTOCOL.md
+        md += ["## Each method at its best lr (chosen by validation loss, never by the benchmark)", "",
+               selection_table(picks), ""]
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()] + [""]
     md += ["## Failed jobs", ""]

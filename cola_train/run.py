@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, checks, collate, config, distributed, kernels, loggers, preemption, profiling, \
-    resume as resuming
+from . import adapters, chain, checks, collate, config, distributed, factor_scales, kernels, loggers, preemption, \
+    profiling, resume as resuming
 from .checks import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
@@ -79,6 +79,7 @@ def build_model(cfg, phases: Phases | None = None, rt: Runtime | None = None):
     with phases("adapter init"):
         model = adapters.attach_adapter(model, chain.adapter_method(typed.method), list(targets),  # chain: its base
                                         seed=cfg.seed)
+        factor_scales.tilt_init(model)  # method.init_tilt: A x t, B / t, the output unchanged
     mixed = any(_precision(cfg).values())
     if mixed and cfg.trainer.master_weights and not rt.deepspeed:
         log.info("fp32 master weights: %d trainable parameters upcast", upcast_trainable(model))

@@ -14,7 +14,7 @@ import warnings
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import adapters, checkpoints, parallel
+from . import adapters, checkpoints, factor_scales, parallel
 from .results import append_jsonl
 
 
@@ -132,6 +132,12 @@ class ColaTrainer(Trainer):
             refresh = getattr(self.model_wrapped.optimizer, "refresh_fp32_params", None)
             if refresh is not None:
                 refresh()
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, its groups split by factor for method.lr_scale_A/B (factor_scales.py)."""
+        super().create_optimizer(model)
+        factor_scales.split_param_groups(self.optimizer, self.model if model is None else model)
+        return self.optimizer
 
     # -- checkpoints: our own layers save and load only what cannot be rebuilt (checkpoints.py)
     def _slim(self) -> bool:
@@ -261,7 +267,7 @@ def _adapter_parameters(model) -> list:
     """What an adapter save reads: the trainable weights and the frozen adapter weights too
     (MoLE's frozen experts), never the base layer's."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}
-    from .adapters.layer import AdapterLinear
+    from .adapters.lowrank import LowRankLinear as AdapterLinear
 
     for module in model.modules():
         if isinstance(module, AdapterLinear):

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-METHODS = ["lora", "pissa", "cola_fully", "cola_random", "cola_heuristic", "hydralora", "mole",
+METHODS = ["lora", "pissa", "cola_fully", "cola_random", "cola_heuristic", "hydralora", "lora_moe",
            "chain_of_lora", "fft"]
 # each method's overrides beyond its own YAML: Chain of LoRA chains CoLA heuristic, as the issue asks
 EXTRA = {"chain_of_lora": ["method.base=cola_heuristic", "method.links=3"]}

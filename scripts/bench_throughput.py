@@ -42,7 +42,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cola_train import adapters, kernels  # noqa: E402
-from cola_train.adapters import AdapterLinear, CoLALinear, gated_act, gated_mlp, shared_qkv  # noqa: E402
+from cola_train.adapters import gated_act, gated_mlp, set_kernels, shared_qkv  # noqa: E402
 from cola_train.config import MethodConfig  # noqa: E402
 from cola_train.models import DEFAULT_TARGETS, upcast_trainable  # noqa: E402
 from cola_train.regional_compile import compile_blocks  # noqa: E402
@@ -216,9 +216,9 @@ def attach_variant(base, name, variant, targets, compile: bool = False):
         upcast_trainable(model)
     if "fp32 adapter path" in name:
         adapters.fp32_path.enable(model)
-    AdapterLinear.custom_backward = "autograd backward" not in name
+    set_kernels(model, custom_backward="autograd backward" not in name,
+                group_shared_inputs="projections apart" not in name)   # per model (adapters.Kernels)
     gated_act.use_kernels = "torch gated act" not in name
-    CoLALinear.group_shared_inputs = "projections apart" not in name
     if not compile:
         return model, undo
     uncompile = compile_layers(base)
@@ -231,8 +231,9 @@ def attach_variant(base, name, variant, targets, compile: bool = False):
 
 
 def restore_switches() -> None:
-    """What attach_variant may have switched off for a before/after variant, back on."""
-    AdapterLinear.custom_backward = gated_act.use_kernels = CoLALinear.group_shared_inputs = True
+    """What attach_variant may have switched off for a before/after variant, back on (the layers'
+    own Kernels options go with the model)."""
+    gated_act.use_kernels = True
 
 
 def forward_backward(model, batch) -> None:

@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from cola_train.adapters import CoLALinear, HydraLoRALinear, MoLELinear, aux_loss, resample
+from cola_train.adapters import aux_loss, resample
+from cola_train.adapters.lowrank import cola_layer, hydralora_layer, mole_layer
 from cola_train.adapters import pairing
-from cola_train.adapters.mole import balance_loss
+from cola_train.adapters.combiners import balance_loss
 
 F64 = torch.float64
 COUNTS = list(itertools.product(range(1, 5), range(1, 5)))
@@ -86,7 +87,7 @@ def make_cola(strategy, m, n, impl="fused", seed=0, dropout=0.0, rule="paper"):
     d_in, d_out, r = shapes(seed * 100 + m * 10 + n)
     torch.manual_seed(seed)
     base = nn.Linear(d_in, d_out, dtype=F64)
-    layer = CoLALinear(base, r, alpha=3.0, dropout=dropout, num_A=m, num_B=n, strategy=strategy, impl=impl,
+    layer = cola_layer(base, r, alpha=3.0, dropout=dropout, num_A=m, num_B=n, strategy=strategy, impl=impl,
                        pairing_rule=rule)
     with torch.no_grad():
         layer.lora_A.normal_()
@@ -300,7 +301,7 @@ def test_single_pair_equals_peft_lora():
 
     torch.manual_seed(0)
     tiny = Tiny()
-    ours = CoLALinear(nn.Linear(9, 7, dtype=F64), r=3, alpha=5.0, dropout=0.0, num_A=1, num_B=1,
+    ours = cola_layer(nn.Linear(9, 7, dtype=F64), r=3, alpha=5.0, dropout=0.0, num_A=1, num_B=1,
                       strategy="fully")
     ours.base_layer.load_state_dict(tiny.lin.state_dict())
     peft_model = get_peft_model(tiny, LoraConfig(r=3, lora_alpha=5.0, target_modules=["lin"]))
@@ -323,7 +324,7 @@ def test_single_pair_equals_peft_lora():
 def test_hydralora_router_and_output_match_oracle(n):
     d_in, d_out, r = shapes(n)
     torch.manual_seed(n)
-    layers = [HydraLoRALinear(nn.Linear(d_in, d_out, dtype=F64), r, 4.0, 0.0, n, impl) for impl in ("fused", "loop")]
+    layers = [hydralora_layer(nn.Linear(d_in, d_out, dtype=F64), r, 4.0, 0.0, n, impl) for impl in ("fused", "loop")]
     layers[1].load_state_dict(layers[0].state_dict())
     with torch.no_grad():
         for layer in layers:
@@ -368,7 +369,7 @@ def test_aux_loss_is_the_sum_of_each_layers_balance_loss_times_its_coefficient()
     and expert count: the value and the gates' gradients of a per-layer float64 loop."""
     torch.manual_seed(0)
     specs = [(2, 0.5), (3, 0.5), (3, 0.1), (2, 0.5), (4, 0.0)]   # (experts, balance_coef)
-    layers = [MoLELinear(nn.Linear(6, 5, dtype=F64), 2, 2.0, 0.0, m, coef) for m, coef in specs]
+    layers = [mole_layer(nn.Linear(6, 5, dtype=F64), 2, 2.0, 0.0, m, coef) for m, coef in specs]
     x = torch.randn(3, 4, 6, dtype=F64)
     with torch.no_grad():
         for layer in layers:
@@ -394,12 +395,12 @@ def test_aux_loss_is_the_sum_of_each_layers_balance_loss_times_its_coefficient()
 def test_mole_output_and_balance_loss(m):
     d_in, d_out, r = shapes(10 + m)
     torch.manual_seed(m)
-    layers = [MoLELinear(nn.Linear(d_in, d_out, dtype=F64), r, 2.0, 0.0, m, 0.5, impl) for impl in ("fused", "loop")]
+    layers = [mole_layer(nn.Linear(d_in, d_out, dtype=F64), r, 2.0, 0.0, m, 0.5, impl) for impl in ("fused", "loop")]
     layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(3, 4, d_in, dtype=F64)
     # zero-initialised gate: uniform, balance loss zero
     layers[0](x)
-    assert layers[0].balance_loss.abs() < 1e-6
+    assert layers[0].combiner.balance_loss().abs() < 1e-6
     with torch.no_grad():
         for layer in layers:
             layer.lora_B.copy_(torch.randn_like(layer.lora_B, generator=torch.Generator().manual_seed(2)))
@@ -414,14 +415,14 @@ def test_mole_output_and_balance_loss(m):
     loss_ref = -torch.log(m * q).sum()
     for lay in layers:
         torch.testing.assert_close(lay(x), y_ref.detach())
-        assert lay.balance_loss > 0
-        torch.testing.assert_close(lay.balance_loss.double(), loss_ref, rtol=1e-5, atol=1e-6)
+        assert lay.combiner.balance_loss() > 0
+        torch.testing.assert_close(lay.combiner.balance_loss().double(), loss_ref, rtol=1e-5, atol=1e-6)
     holder = nn.Sequential(*layers)
     torch.testing.assert_close(aux_loss(holder).double(), 0.5 * 2 * loss_ref, rtol=1e-5, atol=1e-6)
     # the gate learns from the balance loss
     layer.zero_grad()
     layer(x)
-    layer.balance_loss.backward()
+    layer.combiner.balance_loss().backward()
     assert layer.gate.weight.grad.abs().sum() > 0
     layer.eval()
     layer(x)

@@ -49,7 +49,7 @@ def cfg(**kw):
     (dict(kind="mole", num_A=2, num_B=2, expert_paths=["a"]), r"num_A=2 experts but 1 expert_paths"),
     (dict(kind="mole", num_A=2, num_B=2, freeze_experts=True), r"freeze_experts=true needs expert_paths"),
     (dict(kind="mole", num_A=2, num_B=2, expert_paths=["a", "b"]), r"mole expert 'a' is not a PEFT LoRA"),
-    (dict(expert_paths=["a"]), r"expert_paths is only used by kind 'mole', not 'cola'"),
+    (dict(expert_paths=["a"]), r"expert_paths is only used by kind 'mole', 'mole_block', not 'cola'"),
     (dict(target_modules=["q_proj", "qkv"]), r"target module 'qkv' not found; the model's linear modules "
                                              r"are: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
                                              r"down_proj, lm_head$"),
@@ -80,7 +80,7 @@ def test_no_targets_and_unknown_key_and_double_attach():
 def test_omegaconf_node_accepted():
     node = OmegaConf.structured(cfg(strategy="heuristic"))
     model = attach_adapter(llama(), node, TARGETS)
-    assert model.model.layers[0].self_attn.q_proj.strategy == "heuristic"
+    assert model.model.layers[0].self_attn.q_proj.combiner.strategy == "heuristic"
 
 
 def test_routed_methods_cannot_merge_or_export(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from cola_train.adapters import (AdapterError, AdapterLinear, CoLALinear, MoLELinear, attach_adapter, aux_loss, export_peft,
+from cola_train.adapters import (AdapterError, LowRankLinear, attach_adapter, aux_loss, export_peft,
                                  load_adapter, merge_adapter, merged_model, reinit_adapter, resample,
                                  save_adapter, trainable_parameters, unmerge_adapter)
 from cola_train.config import MethodConfig
@@ -103,7 +103,7 @@ def test_lora_init_leaves_base_untouched():
     model = attach_adapter(llama(), method("cola_heuristic", num_A=3, num_B=2), LLAMA_TARGETS)
     torch.testing.assert_close(logits(model), ref, rtol=0, atol=0)
     layer = model.model.layers[1].mlp.down_proj
-    assert isinstance(layer, CoLALinear) and layer.A0 is None and torch.all(layer.lora_B == 0)
+    assert isinstance(layer, LowRankLinear) and layer.A0 is None and torch.all(layer.lora_B == 0)
 
 
 # -- parameters ------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_saved_heuristic_adapter_keeps_its_pairing(tmp_path, pairing):
     save_adapter(model, tmp_path)
     loaded = load_adapter(llama(), str(tmp_path))
     layer = loaded.model.layers[0].self_attn.q_proj
-    assert layer.pairing_rule == pairing
+    assert layer.combiner.rule == pairing
     close(logits(loaded), expected, atol=1e-6)
     with pytest.raises(AdapterError, match=f"pairing '{pairing}' != '{other}'"):
         load_adapter(llama(), str(tmp_path), method_cfg=method("cola_heuristic", pairing=other))
@@ -186,7 +186,7 @@ def test_adapter_saved_before_pairing_was_recorded_loads_with_the_code_pairing(t
     assert meta["method"].pop("pairing") == "code"
     meta_path.write_text(json.dumps(meta))
     loaded = load_adapter(llama(), str(tmp_path))
-    assert loaded.model.layers[0].self_attn.q_proj.pairing_rule == "code"
+    assert loaded.model.layers[0].self_attn.q_proj.combiner.rule == "code"
     close(logits(loaded), expected, atol=1e-6)
 
 
@@ -211,7 +211,7 @@ def test_merge_unmerge_restores_and_merged_model_matches(name, init):
     close(logits(model), expected)
     plain = merged_model(model)
     assert isinstance(plain, LlamaForCausalLM)
-    assert not any(isinstance(m, AdapterLinear) or hasattr(m, "lora_A") for m in plain.modules())
+    assert not any(isinstance(m, LowRankLinear) or hasattr(m, "lora_A") for m in plain.modules())
     close(logits(plain), expected)
 
 
@@ -280,7 +280,7 @@ def test_mole_loads_frozen_experts(tmp_path):
     model = attach_adapter(llama(), method("mole", expert_paths=[str(tmp_path / "e0"), str(tmp_path / "e1")],
                                            freeze_experts=True), LLAMA_TARGETS)
     trainable, _ = trainable_parameters(model)
-    layers = [m for m in model.modules() if isinstance(m, MoLELinear)]
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     assert trainable == sum(m.gate.weight.numel() for m in layers)
     layer = model.model.layers[0].self_attn.v_proj
     x = torch.randn(3, 64)
@@ -301,8 +301,8 @@ def test_resample_same_draw_on_every_rank_and_differs_across_steps():
     for step in range(4):
         resample(a, step, seed=5)
         resample(b, step, seed=5)
-        pa = [m.pairing.clone() for m in a.modules() if isinstance(m, CoLALinear)]
-        pb = [m.pairing.clone() for m in b.modules() if isinstance(m, CoLALinear)]
+        pa = [m.pairing.clone() for m in a.modules() if isinstance(m, LowRankLinear)]
+        pb = [m.pairing.clone() for m in b.modules() if isinstance(m, LowRankLinear)]
         assert all(torch.equal(x, y) for x, y in zip(pa, pb))
         seen.add(tuple(torch.cat([p.flatten() for p in pa]).tolist()))
     assert len(seen) == 4

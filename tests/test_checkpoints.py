@@ -185,7 +185,7 @@ def test_chain_of_cola_resumes_from_a_slim_checkpoint(merge, tmp_path, data_root
     assert res["eval"]["loss"] == full_res["eval"]["loss"]
 
 
-@pytest.mark.parametrize("method", ["hydralora", "mole", "cola_fully"])
+@pytest.mark.parametrize("method", ["hydralora", "lora_moe", "cola_fully"])
 def test_slim_save_then_load_restores_every_adapter_tensor(method, tmp_path):
     """Routers (HydraLoRA), frozen experts (MoLE), split-PiSSA factors (CoLA): a model built
     afresh from the same config and given the checkpoint equals the trained one, base included."""

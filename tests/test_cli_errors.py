@@ -33,7 +33,7 @@ def _check(proc, pattern: str):
      r"trainer.fp32_adapter_path=true needs fp32 adapter weights in the model: trainer.master_weights=true and "
      r"deepspeed=none \(got master_weights=false, deepspeed=none\)"),
     (["trainer.compile=true", "deepspeed=zero2"], r"trainer.compile=true runs without DeepSpeed only \(got deepspeed=zero2\)"),
-    (["method=mole", "method.num_B=2"], r"mole experts are \(A_i, B_i\) pairs: num_B must equal num_A=3, got 2"),
+    (["method=lora_moe", "method.num_B=2"], r"mole experts are \(A_i, B_i\) pairs: num_B must equal num_A=3, got 2"),
     (["method=chain_of_lora", "method.links=0"], r"method.links=0 must be an integer >= 1"),
     (["method=chain_of_lora", "method.link_fractions=[0.5,0.2,0.2]"], r"method.link_fractions=\[0.5, 0.2, 0.2\] sums to 0.9, not 1"),
     (["method=chain_of_lora", "method.rank_schedule=[8,4]"], r"method.rank_schedule has 2 entries but method.links=3"),

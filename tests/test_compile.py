@@ -39,7 +39,7 @@ def _adapted(method: str, dropout: float = 0.0):
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 m.lora_B.normal_(0, 0.1)
-            if hasattr(m, "balance_coef"):
+            if hasattr(getattr(m, "combiner", None), "balance_coef"):
                 m.gate.weight.normal_(0, 0.5)
     return model
 
@@ -217,12 +217,12 @@ def test_mole_balance_loss_under_compile_is_refused_on_a_torch_that_gets_it_wron
     from cola_train.checks import validate
     from cola_train.config import ConfigError
 
-    cfg = compose(TINY + ["method=mole", "trainer.compile=true"] + extra)
+    cfg = compose(TINY + ["method=lora_moe", "trainer.compile=true"] + extra)
     with mock.patch.object(torch, "__version__", version):
         if not refused:
             validate(cfg)
             return
-        expected = (r"^trainer.compile=true with method=mole \(balance_coef=0.01\) computes wrong gradients on "
+        expected = (r"^trainer.compile=true with method=lora_moe \(balance_coef=0.01\) computes wrong gradients on "
                     rf"torch {re.escape(version)}; needs torch>=2.13")
         with pytest.raises(ConfigError, match=expected):
             validate(cfg)

@@ -160,8 +160,10 @@ def test_chain_base_keys_can_be_set_and_reach_the_adapter():
 def test_pissa_init_with_a_routed_mixture_is_refused():
     """#23: with init=pissa every MoLE expert starts from the same SVD part; the gate and experts
     stay identical, so the combination is refused in one line naming it."""
-    with pytest.raises(ConfigError, match=r"^method=mole with method\.init=pissa is degenerate: .*use method\.init=lora$"):
-        validate(compose(["method=mole", "method.init=pissa"]))
+    with pytest.raises(ConfigError, match=r"^method=lora_moe with method\.init=pissa is degenerate: .*use method\.init=lora$"):
+        validate(compose(["method=lora_moe", "method.init=pissa"]))
+    validate(compose(["method=lora_moe"]))                           # init=lora: fine
+    validate(compose(["method=hydralora", "method.init=pissa"]))     # its router is not uniform
     validate(compose(["method=mole", "method.init=lora"]))
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cola_train import chain
-from cola_train.adapters import AdapterLinear, attach_adapter, fp32_path, fused_ops, resample, seeded_dropout
+from cola_train.adapters import attach_adapter, set_kernels, fp32_path, fused_ops, resample, seeded_dropout
 from cola_train.adapters.spec import AdapterError
 from cola_train.config import MethodConfig
 from cola_train.models import upcast_trainable
@@ -125,7 +125,7 @@ def _llama_all(strategy: str) -> nn.Module:
 
 
 def _loss_and_grads(model, ids, custom: bool):
-    AdapterLinear.custom_backward = custom
+    set_kernels(model, custom_backward=custom)
     try:
         model.train()
         model.zero_grad(set_to_none=True)
@@ -134,7 +134,7 @@ def _loss_and_grads(model, ids, custom: bool):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     finally:
-        AdapterLinear.custom_backward = True
+        set_kernels(model, custom_backward=True)
     return loss.detach().float(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -162,12 +162,12 @@ def test_the_fused_fp32_path_keeps_no_fp32_copy_of_the_inputs():
     model = _llama_all("fully")
 
     def saved(custom):
-        AdapterLinear.custom_backward = custom
+        set_kernels(model, custom_backward=custom)
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return _saved_bytes(model, ids)
         finally:
-            AdapterLinear.custom_backward = True
+            set_kernels(model, custom_backward=True)
     fused, plain = saved(True), saved(False)
     # fp32 copies of q/k/v, o, gate/up and down_proj inputs: (3 + 1 + 2) x 64 + 160 wide, 4 bytes, 2 layers
     copies = (6 * 64 + 160) * ids.numel() * 4 * 2

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cola_train.adapters import (AdapterLinear, CoLALinear, attach_adapter, aux_loss, gated_mlp, merged_model,
+from cola_train.adapters import (LowRankLinear, attach_adapter, set_kernels, aux_loss, gated_mlp, merged_model,
                                  resample)
 from cola_train.adapters import fused_ops, seeded_dropout, shared_qkv
 from cola_train.config import MethodConfig
@@ -194,7 +194,7 @@ def _cola(strategy, dropout=0.0, pairing="paper"):
 
 
 def _grads(model, ids, custom, seed=0):
-    AdapterLinear.custom_backward = custom
+    set_kernels(model, custom_backward=custom)
     try:
         model.train()
         model.zero_grad(set_to_none=True)
@@ -203,7 +203,7 @@ def _grads(model, ids, custom, seed=0):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     finally:
-        AdapterLinear.custom_backward = True
+        set_kernels(model, custom_backward=True)
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -231,7 +231,7 @@ def test_model_gradients_match_autograd(strategy, pairing, dropout):
         with mock.patch.object(fused_ops.LowRankLinear, "apply", _ref_linear), \
                 mock.patch.object(fused_ops.GatedLowRankMLP, "apply", _ref_mlp):
             ref_loss, ref = _grads(model, ids, custom=True)
-        with mock.patch.object(CoLALinear, "_dropout_p", lambda self: 0.0):
+        with mock.patch.object(LowRankLinear, "_dropout_p", lambda self: 0.0):
             no_dropout_loss, _ = _grads(model, ids, custom=True)
         assert abs(loss.item() - no_dropout_loss.item()) > 1e-6      # the masks were applied
     else:
@@ -247,7 +247,7 @@ ROUTED = {"hydralora": dict(kind="hydralora", num_A=1, num_B=3),
 
 
 def _routed_grads(model, ids, custom, seed=0):
-    AdapterLinear.custom_backward = custom
+    set_kernels(model, custom_backward=custom)
     try:
         model.train()
         model.zero_grad(set_to_none=True)
@@ -257,7 +257,7 @@ def _routed_grads(model, ids, custom, seed=0):
         loss = loss + aux if aux is not None else loss
         loss.backward()
     finally:
-        AdapterLinear.custom_backward = True
+        set_kernels(model, custom_backward=True)
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -271,7 +271,7 @@ def test_routed_model_gradients_match_autograd(kind, dropout):
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 m.lora_B.normal_(0, 0.1)
-            if hasattr(m, "balance_coef"):     # a uniform gate has a zero balance-loss gradient
+            if hasattr(getattr(m, "combiner", None), "balance_coef"):     # a uniform gate has a zero balance-loss gradient
                 m.gate.weight.normal_(0, 0.5)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with mock.patch.object(fused_ops.RoutedLowRankLinear, "apply",
@@ -325,11 +325,11 @@ def test_adapted_model_keeps_no_more_than_the_frozen_one(dropout):
     model = attach_adapter(_llama(torch.float32), _cola("fully", dropout), TARGETS)
     model.enable_input_require_grads()
     fused = _saved_bytes(model, ids)
-    AdapterLinear.custom_backward = False
+    set_kernels(model, custom_backward=False)
     try:
         plain = _saved_bytes(model, ids)
     finally:
-        AdapterLinear.custom_backward = True
+        set_kernels(model, custom_backward=True)
     # what remains above the floor: the attention and MLP inputs (2 x 64 wide) and the small z's
     tokens = ids.numel()
     extra = 2 * (2 * tokens * 64 * 4)
@@ -356,7 +356,7 @@ def test_merged_model_restores_the_mlp_forward():
     assert gated_mlp.install(model) == 2
     plain = merged_model(model)
     assert not any("forward" in m.__dict__ for m in plain.modules())
-    assert not any(isinstance(m, CoLALinear) for m in plain.modules())
+    assert not any(isinstance(m, LowRankLinear) for m in plain.modules())
 
 
 def test_parameters_are_read_only_inside_module_calls():
@@ -365,10 +365,10 @@ def test_parameters_are_read_only_inside_module_calls():
     model = attach_adapter(_llama(torch.float32), _cola("heuristic", 0.1), TARGETS)
     inside = set()
     for m in model.modules():
-        if isinstance(m, CoLALinear):
+        if isinstance(m, LowRankLinear):
             m.register_forward_pre_hook(lambda mod, args: inside.add(id(mod)))
             m.register_forward_hook(lambda mod, args, out: inside.discard(id(mod)))
-    real = CoLALinear.factors
+    real = LowRankLinear.factors
     calls = []
 
     def checked(self, *args, **kwargs):
@@ -377,7 +377,7 @@ def test_parameters_are_read_only_inside_module_calls():
         return real(self, *args, **kwargs)
 
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    with mock.patch.object(CoLALinear, "factors", checked):
+    with mock.patch.object(LowRankLinear, "factors", checked):
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
     assert len(set(calls)) == 14
@@ -407,7 +407,7 @@ def test_shared_qkv_hands_each_output_back_once():
     with mock.patch.object(fused_ops.SharedInputLowRank, "apply", wraps=fused_ops.SharedInputLowRank.apply) as shared:
         model(input_ids=ids)
     assert [len(c.args) for c in shared.call_args_list] == [2 + 3 * 3, 2 + 3 * 2] * 2   # q, k, v then gate, up
-    assert all(m.hand_back is None for m in model.modules() if isinstance(m, CoLALinear))
+    assert all(m.hand_back is None for m in model.modules() if isinstance(m, LowRankLinear))
     plain = merged_model(model)
     assert shared_qkv.install(plain) == 0 and not any("forward" in m.__dict__ for m in plain.modules())
 

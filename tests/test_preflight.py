@@ -127,7 +127,7 @@ def _cfg(overrides):
     (["method=lora", "method.r=32"], True),
     (["method=lora", "method.r=33"], False),
     (["method=hydralora", "method.r=33"], False),
-    (["method=mole", "method.r=33"], False),
+    (["method=lora_moe", "method.r=33"], False),
     (["method=cola_heuristic", "method.r=32"], True),
     (["method=chain_of_lora", "method.r=8", "method.rank_schedule=[8,33,4]"], False),
     (["method=lora", "method.r=33", "method.target_modules=[q_proj,o_proj]"], True),  # 64 wide

@@ -5,8 +5,11 @@ the weight) and the merge drops it (on SmolLM2 at lr 5e-5 only 7 % of an update 
 docs/RESULTS.md). Kept as factors, the merged links add (x A_c^T) B_c^T to the base output: the
 effective weight W + B_c A_c, in any weight dtype, for one frozen rank-(links x r) path.
 
-A forward hook on the base nn.Linear adds the path, so every caller sees the merged weight: our
-layers, PEFT's, DeepSpeed's gathered forward. The factors are non-persistent float32 buffers:
+Where they live: on our LowRankLinear itself (`linear` below is then the LowRankLinear, which
+says `adds_committed`): its forward adds the path as a frozen term, inside the fused kernels
+(fused_ops `frozen=`), so a later Chain-of-LoRA link keeps the fused path, the q/k/v grouping
+and the gated-MLP memory saving. On a PEFT layer's base nn.Linear, a forward hook adds it, so
+PEFT's own forward and DeepSpeed's gathered forward see the merged weight. The factors are non-persistent float32 buffers:
 the model's state dict (and so every checkpoint format) is unchanged; `fold` writes them into
 the weight when a plain model is wanted.
 """
@@ -29,14 +32,17 @@ def factors(linear: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     return None if A is None else (A, B)
 
 
-def _add_committed(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """The forward hook: output + (x A_c^T) B_c^T, in the dtype the base linear computed in."""
-    x = args[0]
-    A, B = module._buffers[A_KEY], module._buffers[B_KEY]
+def add_to(output: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """output + (x A_c^T) B_c^T, in the dtype the base linear computed in."""
     if torch.is_autocast_enabled(x.device.type):
         return output + F.linear(F.linear(x, A), B).to(output.dtype)   # autocast picks the dtype
     dtype = output.dtype
     return output + F.linear(F.linear(x.to(dtype), A.to(dtype)), B.to(dtype))
+
+
+def _add_committed(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """The forward hook on a PEFT layer's base linear."""
+    return add_to(output, args[0], module._buffers[A_KEY], module._buffers[B_KEY])
 
 
 def _hook_keys(linear: nn.Module):
@@ -58,7 +64,7 @@ def append(linear: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
         B = torch.cat([old[1].to(device, torch.float32), B], 1)
     linear.register_buffer(A_KEY, A.contiguous(), persistent=False)
     linear.register_buffer(B_KEY, B.contiguous(), persistent=False)
-    if not _hook_keys(linear):
+    if not getattr(linear, "adds_committed", False) and not _hook_keys(linear):
         linear.register_forward_hook(_add_committed)
 
 

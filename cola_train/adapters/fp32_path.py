@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import AdapterLinear
+from .lowrank import LowRankLinear
 from .spec import AdapterError
 
 MARK = "_cola_fp32_adapter_path"
@@ -47,9 +47,9 @@ def enable(model: nn.Module) -> int:
     Their trainable factors must already be fp32 (models.upcast_trainable)."""
     n = 0
     for name, module in model.named_modules():
-        if isinstance(module, AdapterLinear):
+        if isinstance(module, LowRankLinear):
             params = [p for p in module.parameters(recurse=True) if p.requires_grad]
-            module.fp32_path = True
+            module.kernels = module.kernels.replace(fp32_path=True)
         elif hasattr(module, "lora_A") and isinstance(getattr(module, "lora_A"), nn.ModuleDict):
             subs = list(_peft_factor_modules(module))
             params = [p for s in subs for p in s.parameters()]

@@ -80,8 +80,10 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
-def _update_and_base(z: torch.Tensor, B: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """z B^T (+ b), then x W^T accumulated onto it by the base GEMM itself (beta = 1).
+def _update_and_base(z: torch.Tensor, B: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias,
+                     frozen=None) -> torch.Tensor:
+    """z B^T (+ b) (+ (x A_c^T) B_c^T, the frozen committed links), then x W^T accumulated onto it
+    by the base GEMM itself (beta = 1).
 
     In place in eager mode; out of place under torch.compile, where inductor plans the buffers
     itself: torch 2.11 (the GPU machines') gave every input of an autograd.Function whose output
@@ -93,81 +95,98 @@ def _update_and_base(z: torch.Tensor, B: torch.Tensor, x: torch.Tensor, weight: 
         out = (z @ B.t()).to(x.dtype)
         if bias is not None:
             out = out.add_(bias) if in_place else out + bias
+    if frozen is not None:
+        Ac, Bc = frozen
+        out = out.addmm_(x @ Ac.t(), Bc.t()) if in_place else torch.addmm(out, x @ Ac.t(), Bc.t())
     return out.addmm_(x, weight.t()) if in_place else torch.addmm(out, x, weight.t())
 
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, gd: torch.Tensor, A: torch.Tensor, p: float,
-                seed) -> torch.Tensor:
-    """dx = drop(gd A) + g W: the adapter's part first, then the base GEMM accumulates onto it."""
-    return dropped((gd @ A).to(g.dtype), p, seed).addmm_(g, weight)
+                seed, Ac=None, Bc=None) -> torch.Tensor:
+    """dx = drop(gd A) + g W (+ (g B_c) A_c): the adapter's part first, then the base GEMM (and the
+    frozen committed path) accumulate onto it."""
+    dx = dropped((gd @ A).to(g.dtype), p, seed)
+    if Ac is not None:
+        dx = dx.addmm_(g @ Bc, Ac)
+    return dx.addmm_(g, weight)
+
+
+def _frozen(Ac, Bc):
+    return None if Ac is None else (Ac, Bc)
 
 
 class LowRankLinear(torch.autograd.Function):
-    """x: (T, d_in); p, seed: the adapter's dropout (p = 0: none)."""
+    """x: (T, d_in); p, seed: the adapter's dropout (p = 0: none); Ac, Bc: committed Chain-of-LoRA
+    links, a frozen low-rank path beside the frozen base (in x's dtype), or None."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, p, seed):
+    def forward(ctx, x, weight, bias, A, B, p, seed, Ac=None, Bc=None):
         with _no_autocast(x):
             z = dropped(x.to(A.dtype), p, seed) @ A.t()
-            out = _update_and_base(z, B, x, weight, bias)
+            out = _update_and_base(z, B, x, weight, bias, _frozen(Ac, Bc))
         ctx.p = p
-        ctx.save_for_backward(x, weight, A, B, z, _seed(p, seed, x))
+        ctx.save_for_backward(x, weight, A, B, z, _seed(p, seed, x), Ac, Bc)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, A, B, z, seed = ctx.saved_tensors
+        x, weight, A, B, z, seed, Ac, Bc = ctx.saved_tensors
         with _no_autocast(g):
             gu = g.to(B.dtype)
             gz = gu @ B
             dB = gu.t() @ z
             del gu
             dA = _down_grad(gz, x, ctx.p, seed)
-            dx = _input_grad(g, weight, gz, A, ctx.p, seed) if ctx.needs_input_grad[0] else None
-        return dx, None, None, dA, dB, None, None
+            dx = _input_grad(g, weight, gz, A, ctx.p, seed, Ac, Bc) if ctx.needs_input_grad[0] else None
+        return dx, None, None, dA, dB, None, None, None, None
 
 
 class GatedLowRankMLP(torch.autograd.Function):
     """out = down(h) + (drop(h) A^T) B^T with h = silu(gate) * up; gate, up: (T, d_ff)."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, A, B, p, seed):
+    def forward(ctx, gate, up, weight, bias, A, B, p, seed, Ac=None, Bc=None):
         with _no_autocast(gate):
             h = gated_act.forward(gate, up)
             z = dropped(h.to(A.dtype), p, seed) @ A.t()
-            out = _update_and_base(z, B, h, weight, bias)
+            out = _update_and_base(z, B, h, weight, bias, _frozen(Ac, Bc))
             del h
         ctx.p = p
-        ctx.save_for_backward(gate, up, weight, A, B, z, _seed(p, seed, gate))
+        ctx.save_for_backward(gate, up, weight, A, B, z, _seed(p, seed, gate), Ac, Bc)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        gate, up, weight, A, B, z, seed = ctx.saved_tensors
+        gate, up, weight, A, B, z, seed, Ac, Bc = ctx.saved_tensors
         with _no_autocast(g):
             gu = g.to(B.dtype)
             gz = gu @ B
             dB = gu.t() @ z
             del gu
-            dh = _input_grad(g, weight, gz, A, ctx.p, seed)
+            dh = _input_grad(g, weight, gz, A, ctx.p, seed, Ac, Bc)
             h, dgate, dup = gated_act.backward(gate, up, dh)   # h again, for dA
             dA = _down_grad(gz, h, ctx.p, seed)
-        return dgate, dup, None, None, dA, dB, None, None
+        return dgate, dup, None, None, dA, dB, None, None, None, None
 
 
-def _apply(fn, *args, p: float):
-    """fn.apply(*args, p, seed): a fresh seed per call (a tensor, so torch.compile traces it)."""
-    return fn.apply(*args, p, new_seed(args[0].device) if p else None)
+def _apply(fn, *args, p: float, frozen=None):
+    """fn.apply(*args, p, seed[, A_c, B_c]): a fresh seed per call (a tensor, so torch.compile
+    traces it); the frozen committed path only when there is one (the common call is unchanged)."""
+    seed = new_seed(args[0].device) if p else None
+    if frozen is None:
+        return fn.apply(*args, p, seed)
+    return fn.apply(*args, p, seed, *frozen)
 
 
 def low_rank_linear(base: nn.Linear, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                    p: float = 0.0) -> torch.Tensor:
-    return _apply(LowRankLinear, x, base.weight, base.bias, A, B, p=p)
+                    p: float = 0.0, frozen=None) -> torch.Tensor:
+    """x W^T + b + (drop(x) A^T) B^T (+ (x A_c^T) B_c^T with frozen = (A_c, B_c) in x's dtype)."""
+    return _apply(LowRankLinear, x, base.weight, base.bias, A, B, p=p, frozen=frozen)
 
 
 def gated_low_rank_mlp(base: nn.Linear, gate: torch.Tensor, up: torch.Tensor,
-                       A: torch.Tensor, B: torch.Tensor, p: float = 0.0) -> torch.Tensor:
-    return _apply(GatedLowRankMLP, gate, up, base.weight, base.bias, A, B, p=p)
+                       A: torch.Tensor, B: torch.Tensor, p: float = 0.0, frozen=None) -> torch.Tensor:
+    return _apply(GatedLowRankMLP, gate, up, base.weight, base.bias, A, B, p=p, frozen=frozen)
 
 
 class SharedInputLowRank(torch.autograd.Function):

@@ -4,7 +4,7 @@ Why: an adapter on down_proj must keep its input, the d_ff-wide product silu(gat
 the largest activation of the layer (117 MB per layer for Llama-3.1-8B at 4 x 1024 tokens). The
 fused path (fused_ops.GatedLowRankMLP) keeps gate and up instead, which the frozen model keeps
 anyway, and recomputes the product in backward. Where gate_proj and up_proj are adapters too, one
-fused call computes both from their shared input (CoLALinear.shared_input_forward). Installed per
+fused call computes both from their shared input (LowRankLinear.shared_input_forward, static combiners). Installed per
 module instance by attach_adapter; the instance forward falls back to the model's own formula
 whenever down_proj is not ours.
 """
@@ -28,7 +28,7 @@ def _takes_gated_input(module: nn.Module) -> bool:
 
 def _shared_input(mlp: nn.Module, x):
     """(gate, up) from one call where both are adapters that can share their input
-    (CoLALinear.shared_input_forward: one GEMM over x for both A's), else None."""
+    (LowRankLinear.shared_input_forward, static combiners: one GEMM over x for both A's), else None."""
     return instance_forward.together([mlp.gate_proj, mlp.up_proj], x)
 
 

@@ -39,9 +39,10 @@ def uninstall(model: nn.Module, forward_type: type) -> None:
 
 def can_share(modules: Sequence) -> bool:
     """Modules that read one input and can run as one call: all of one class that has a
-    shared_input_forward (CoLALinear's)."""
+    shared_input_forward (LowRankLinear's) and all able to (static combiners)."""
     cls = type(modules[0])
-    return hasattr(cls, "shared_input_forward") and all(type(m) is cls for m in modules)
+    return (hasattr(cls, "shared_input_forward") and all(type(m) is cls for m in modules)
+            and all(getattr(m, "can_share_input", False) for m in modules))
 
 
 def together(modules: Sequence[nn.Module], x: torch.Tensor) -> Optional[List[torch.Tensor]]:

@@ -1,5 +1,5 @@
 """Attention blocks whose q_proj, k_proj and v_proj are adapters able to share their input
-(CoLALinear.shared_input_forward): one fused call computes the three outputs, then the model's own
+(LowRankLinear.shared_input_forward, static combiners): one fused call computes the three outputs, then the model's own
 attention forward runs, and its q_proj(x), k_proj(x) and v_proj(x) module calls hand them back.
 
 Why: apart, the three adapters each read x for z = x A^T and again for dA, each write an input

@@ -50,15 +50,18 @@ def config_dict(cfg: MethodConfig) -> Dict[str, Any]:
 
 
 def validate(cfg: MethodConfig) -> None:
-    """Cross-field rules; the message names the offending field and value."""
+    """Cross-field rules; the message names the offending field and value. The rules of one
+    method live with its combiner / backend (registry.Method.check)."""
+    from . import registry
+
     if cfg.kind == "chain":
         raise AdapterError(
             f"method kind 'chain' is a training schedule, not a layer: attach its base method "
             f"({cfg.base!r}) and drive commit_adapter/reinit_adapter from the schedule"
         )
-    if cfg.kind not in KINDS:
-        raise AdapterError(f"unknown method kind {cfg.kind!r} (expected one of {', '.join(KINDS)})")
-    if cfg.kind == "none":
+    if not registry.known_kind(cfg.kind):
+        raise AdapterError(f"unknown method kind {cfg.kind!r} (expected one of {', '.join(registry.kinds())})")
+    if not registry.takes_adapter_options(cfg.kind):   # full fine-tuning: nothing else to check
         return
     if not isinstance(cfg.r, int) or cfg.r < 1:
         raise AdapterError(f"method.r must be an integer >= 1, got {cfg.r!r}")
@@ -68,6 +71,10 @@ def validate(cfg: MethodConfig) -> None:
         raise AdapterError(f"method.dropout must be in [0, 1), got {cfg.dropout!r}")
     if cfg.init not in INITS:
         raise AdapterError(f"unknown method.init {cfg.init!r} (expected one of {', '.join(INITS)})")
+    if cfg.init == "pissa_split" and not (cfg.kind == "cola" and cfg.strategy in ("heuristic", "random")):
+        raise AdapterError(f"method.init=pissa_split (our symmetry-breaking init) applies to cola_heuristic and "
+                           f"cola_random, not {cfg.name} (kind={cfg.kind}, strategy={cfg.strategy}): fully reads only "
+                           f"sum(B) sum(A), so no init breaks its copies' symmetry")
     if cfg.svd not in SVDS:
         raise AdapterError(f"unknown method.svd {cfg.svd!r} (expected one of {', '.join(SVDS)})")
     if not isinstance(cfg.svd_niter, int) or cfg.svd_niter < 0:
@@ -78,44 +85,12 @@ def validate(cfg: MethodConfig) -> None:
         value = getattr(cfg, field)
         if not isinstance(value, int) or value < 1:
             raise AdapterError(f"method.{field} must be an integer >= 1, got {value!r}")
-    if cfg.kind != "mole" and cfg.expert_paths:
-        raise AdapterError(f"method.expert_paths is only used by kind 'mole', not {cfg.kind!r}")
-    if cfg.kind == "peft":
-        if cfg.num_A != 1 or cfg.num_B != 1:
-            raise AdapterError(
-                f"kind 'peft' ({cfg.name}) has one A and one B: got num_A={cfg.num_A}, num_B={cfg.num_B}"
-            )
-    elif cfg.kind == "cola":
-        if cfg.strategy not in STRATEGIES:
-            raise AdapterError(
-                f"unknown method.strategy {cfg.strategy!r} (expected one of {', '.join(STRATEGIES)})"
-            )
-        if cfg.pairing not in PAIRINGS:
-            raise AdapterError(f"unknown method.pairing {cfg.pairing!r} (expected one of {', '.join(PAIRINGS)})")
-    elif cfg.kind == "hydralora":
-        if cfg.num_A != 1:
-            raise AdapterError(f"hydralora shares one A across its B heads: num_A must be 1, got {cfg.num_A}")
-        if cfg.num_B < 2:
-            raise AdapterError(
-                f"hydralora needs num_B >= 2 heads to route between, got {cfg.num_B} (use method lora)"
-            )
-    elif cfg.kind == "mole":
-        if cfg.num_A < 2:
-            raise AdapterError(f"mole needs num_A >= 2 experts to gate between, got {cfg.num_A} (use method lora)")
-        if cfg.num_B != cfg.num_A:
-            raise AdapterError(
-                f"mole experts are (A_i, B_i) pairs: num_B must equal num_A={cfg.num_A}, got {cfg.num_B}"
-            )
-        if cfg.balance_coef < 0:
-            raise AdapterError(f"method.balance_coef must be >= 0, got {cfg.balance_coef!r}")
-        if cfg.expert_paths and len(cfg.expert_paths) != cfg.num_A:
-            raise AdapterError(
-                f"mole has num_A={cfg.num_A} experts but {len(cfg.expert_paths)} expert_paths were given"
-            )
-        if cfg.freeze_experts and not cfg.expert_paths:
-            raise AdapterError("method.freeze_experts=true needs expert_paths (frozen untrained experts add nothing)")
-        if cfg.expert_paths and cfg.init == "pissa":
-            raise AdapterError("mole with expert_paths loads its experts: method.init must be 'lora', got 'pissa'")
+    method = registry.lookup(cfg)
+    if cfg.expert_paths and not method.uses_expert_paths:
+        users = [k for k, m in registry.METHODS.items() if m.uses_expert_paths]
+        raise AdapterError(f"method.expert_paths is only used by kind {', '.join(map(repr, users))}, "
+                           f"not {cfg.kind!r}")
+    method.check(cfg)
 
 
 def _matches(name: str, target: str) -> bool:
