@@ -80,9 +80,6 @@ def validate(cfg) -> None:
     typed = typed_config(cfg)
     check_sample_config(typed.data)
     typed.check()           # each group's own fields (config.py)
-    from .factor_scales import check as check_factor_scales
-
-    check_factor_scales(typed.method)  # lr_scale_A/B, init_tilt: > 0, and a method with factors
     spanning(typed)
 
 

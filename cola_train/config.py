@@ -191,6 +191,10 @@ class AdapterSchema(MethodSchema):
     def check(self, where: str = "method") -> None:
         if self.r < 1:
             raise ConfigError(f"{where}.r={self.r} must be >= 1")
+        for key in ("lr_scale_A", "lr_scale_B", "init_tilt"):   # factor_scales.py
+            value = float(getattr(self, key))
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{where}.{key}={value:g} must be a finite number > 0")
         if self.alpha <= 0:
             raise ConfigError(f"{where}.alpha={self.alpha} must be > 0")
         if not 0 <= self.dropout < 1:

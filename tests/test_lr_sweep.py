@@ -38,7 +38,7 @@ def test_cola_paper_lr_sweep_is_the_protocol_times_three_lrs():
 
 
 def test_pissa_collapsed_preset_is_the_2_3_control():
-    from cola_train.config import validate
+    from cola_train.checks import validate
 
     cfg = compose(["model=tiny_llama", "method=pissa_collapsed"])
     validate(cfg)
