@@ -138,6 +138,12 @@ def _resume_only(key: str) -> bool:
 
 
 _ABSENT = "(absent)"
+# keys added after earlier runs were saved, at the values that train exactly as the code before
+# them did: absent from an old run's config means this value (any other value is a change)
+ADDED_KEYS = {"method.lr_scale_A": 1.0, "method.lr_scale_B": 1.0, "method.init_tilt": 1.0,
+              "trainer.profile_steps": 0, "trainer.pad_to_multiple_of": "auto",
+              "data.path": None, "data.format": "auto", "data.skip_bad_rows": False, "data.too_long": "truncate",
+              "eval.harness.tasks": [], "eval.harness.batch_size": None, "eval.harness.lm_eval_tasks": False}
 
 
 def differences(saved: dict, cfg) -> dict:
@@ -148,6 +154,9 @@ def differences(saved: dict, cfg) -> dict:
 
     now = _plain(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else _plain(cfg)
     old, new = _flat(_plain(saved_in_this_layout(_plain(saved), now))), _flat(now)  # runs saved before #24
+    for key, value in ADDED_KEYS.items():
+        if key in new and key not in old:
+            old[key] = value
     return {k: [old.get(k, _ABSENT), new.get(k, _ABSENT)] for k in sorted(old.keys() | new.keys())
             if not _resume_only(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT)}
 

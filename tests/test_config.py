@@ -70,7 +70,8 @@ METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 # LoRA has one pair, CoLA no gate, HydraLoRA one A and no pairing rule, MoLE no DoRA, FFT no rank)
 FOREIGN = {"lora": "num_B", "dora": "num_A", "pissa": "strategy", "fft": "r", "cola_fully": "balance_coef",
            "cola_random": "use_dora", "cola_heuristic": "expert_paths", "hydralora": "pairing",
-           "mole": "use_dora", "chain_of_lora": "num_B"}
+           "mole": "use_dora", "chain_of_lora": "num_B", "lora_moe": "pairing", "mola": "expert_paths",
+           "pissa_collapsed": "num_B"}
 
 
 def test_every_method_option_names_the_schema_of_its_kind():
@@ -112,14 +113,14 @@ def test_a_wrong_choice_fails_at_compose_naming_the_key_and_the_choices(method, 
 
 def test_the_choices_are_those_the_docs_and_papers_name():
     """An independent list (README, docs/INIT.md, the papers): the enums say the same."""
-    assert C.choices(C.Kind) == ("none", "peft", "cola", "hydralora", "mole", "chain")
+    assert C.choices(C.Kind) == ("none", "peft", "cola", "hydralora", "mole", "mole_block", "mola", "chain")
     assert C.choices(C.Strategy) == ("fully", "random", "heuristic")
-    assert C.choices(C.Init) == ("lora", "pissa") and C.choices(C.Svd) == ("lowrank", "exact")
+    assert C.choices(C.Init) == ("lora", "pissa", "pissa_split") and C.choices(C.Svd) == ("lowrank", "exact")
     assert C.choices(C.Pairing) == ("paper", "code") and C.choices(C.Merge) == ("factors", "weights")
     assert C.choices(C.LinkWarmup) == ("scaled", "full") and C.choices(C.Precision) == ("auto", "bf16", "fp16", "fp32")
     from cola_train.adapters import spec
 
-    assert spec.KINDS == ("none", "peft", "cola", "hydralora", "mole") and spec.STRATEGIES == C.choices(C.Strategy)
+    assert spec.KINDS == ("none", "peft", "cola", "hydralora", "mole", "mole_block", "mola") and spec.STRATEGIES == C.choices(C.Strategy)
 
 
 def test_choices_read_as_text():
