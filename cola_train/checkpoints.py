@@ -29,7 +29,6 @@ from pathlib import Path
 log = logging.getLogger("cola_train")
 
 COMPLETE = "CHECKPOINT_COMPLETE"   # written after the Trainer has written all of a checkpoint
-SLIM_KINDS = ("cola", "hydralora", "mole", "mole_block", "mola")
 
 
 class CheckpointError(RuntimeError):
@@ -134,7 +133,7 @@ def slim_model(model) -> bool:
     from .adapters.io import adapter_info, unwrap
 
     info = adapter_info(unwrap(model))
-    return info is not None and info["method"].kind in SLIM_KINDS
+    return info is not None and info["backend"].name == "ours"   # adapters.backends.OursBackend
 
 
 def is_slim(checkpoint) -> bool:

@@ -119,8 +119,9 @@ def _base_weights(model) -> dict:
         base = layer.get_base_layer() if is_peft else layer.base_layer
         with chain.gathered([base.weight], modify=False):
             out[name] = base.weight.detach().double().clone()
-        if "committed_A" in base._buffers:
-            out[name] += base.committed_B.double() @ base.committed_A.double()
+        holder = base if is_peft else layer   # committed links: a hook on PEFT's base, a term of ours
+        if "committed_A" in holder._buffers:
+            out[name] += holder.committed_B.double() @ holder.committed_A.double()
     return out
 
 

@@ -215,7 +215,9 @@ def test_model_gradients_match_autograd(strategy, pairing, dropout):
     autograd: the plain path without dropout; with dropout, the plain-op twins of the fused
     functions drawing the same masks (nn.Dropout draws from another stream)."""
     model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout, pairing), TARGETS)
-    assert sum(1 for m in model.modules() if "forward" in m.__dict__) == 4  # both MLPs and attentions routed
+    assert not any("forward" in m.__dict__ for m in model.modules())   # no patched forward, but modules:
+    assert sum(1 for m in model.modules() if isinstance(m, gated_mlp.FusedGatedMLP)) == 2  # both MLPs
+    assert sum(1 for m in model.modules() if isinstance(m, shared_qkv.SharedInputGroup)) == 2  # both q/k/v
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     shared_apply = fused_ops.SharedInputLowRank.apply
     with mock.patch.object(fused_ops.LowRankLinear, "apply", wraps=fused_ops.LowRankLinear.apply) as lin, \
@@ -356,7 +358,8 @@ def test_merged_model_restores_the_mlp_forward():
     assert gated_mlp.install(model) == 2
     plain = merged_model(model)
     assert not any("forward" in m.__dict__ for m in plain.modules())
-    assert not any(isinstance(m, LowRankLinear) for m in plain.modules())
+    assert not any(isinstance(m, (LowRankLinear, gated_mlp.FusedGatedMLP)) for m in plain.modules())
+    assert all(type(layer.mlp).__name__ == "LlamaMLP" for layer in plain.model.layers)
 
 
 def test_parameters_are_read_only_inside_module_calls():
@@ -393,23 +396,25 @@ def test_routed_mlps_survive_deepcopy_and_pickle():
         expected = model(input_ids=ids).logits
         for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
             mlps = [m for m in clone.modules() if gated_mlp.routing(m) is not None]
-            assert len(mlps) == 2 and all(gated_mlp.routing(m).mlp is m for m in mlps)   # bound to the copy
+            assert len(mlps) == 2 and all(gated_mlp.routing(m) is m for m in mlps)   # modules of the copy
             attns = [m for m in clone.modules() if shared_qkv.routing(m) is not None]
-            assert len(attns) == 2 and all(shared_qkv.routing(m).attn is m for m in attns)
+            assert len(attns) == 2 and all(shared_qkv.routing(m) is m.shared_qkv for m in attns)
+            assert all(m.q_proj.group is m.shared_qkv for m in attns)   # the copy's group
             torch.testing.assert_close(clone(input_ids=ids).logits, expected)
 
 
 def test_shared_qkv_hands_each_output_back_once():
-    """q, k and v come from one fused call; nothing is left handed back after the attention's
-    forward, and merged_model leaves the model's own attention forward."""
+    """q, k and v come from one fused call (their SharedInputGroup); nothing is left pending after
+    the attention's forward, and merged_model leaves the model's own attention module."""
     model = attach_adapter(_llama(torch.float32), _cola("heuristic"), TARGETS)
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3))
     with mock.patch.object(fused_ops.SharedInputLowRank, "apply", wraps=fused_ops.SharedInputLowRank.apply) as shared:
         model(input_ids=ids)
     assert [len(c.args) for c in shared.call_args_list] == [2 + 3 * 3, 2 + 3 * 2] * 2   # q, k, v then gate, up
-    assert all(m.hand_back is None for m in model.modules() if isinstance(m, LowRankLinear))
+    assert all(not g.pending for g in model.modules() if isinstance(g, shared_qkv.SharedInputGroup))
     plain = merged_model(model)
     assert shared_qkv.install(plain) == 0 and not any("forward" in m.__dict__ for m in plain.modules())
+    assert not any(isinstance(m, shared_qkv.SharedInputGroup) for m in plain.modules())
 
 
 @pytest.mark.parametrize("cfg", [_cola("heuristic"), _cola("random", 0.1),

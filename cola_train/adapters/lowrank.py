@@ -7,7 +7,8 @@ is (d_out, n, r), so [A_1; ..; A_m] and [B_1 .. B_n] are free reshapes; A_i = lo
 B_j = lora_B[:, j]. A routed combiner's router lives on the layer under its saved name.
 
 The forward, in order (the first that applies):
-  * computed with its siblings (q/k/v sharing their input, shared_qkv.py): handed back;
+  * in a group of siblings reading one input (q/k/v, shared_qkv.SharedInputGroup): the group's
+    one fused call;
   * `impl=loop`, merged, extra arguments, or a routed layer on the fp32 path: the reference,
     base(x) + delta(x), with delta the per-pair formula (loop) or the plain product;
   * the fused kernels (fused_ops; `kernels.custom_backward`): `low_rank_linear` /
@@ -52,7 +53,7 @@ def new_param(shape, fac: dict, requires_grad: bool = True) -> nn.Parameter:
 class LowRankLinear(nn.Module):
     takes_gated_input = True   # forward(gate, up=up): see gated_mlp.py
     adds_committed = True      # committed Chain-of-LoRA links are a frozen term of this forward
-    hand_back = None           # (x, output) set by shared_qkv for this module's next call on x
+    group = None               # a shared_qkv.SharedInputGroup (set per instance, not a child module)
     # how a PiSSA-style init finds W's top-r part and forms the residual (init.py); attach_adapter
     # sets it per layer from method.svd / method.svd_niter and the run's seed
     init_svd = inits.SVDChoice()
@@ -168,10 +169,11 @@ class LowRankLinear(nn.Module):
 
         Both go through the module call, so hooks that manage parameters (DeepSpeed ZeRO-3's
         gather) run before any parameter is read."""
-        handed = self.hand_back
-        if handed is not None and handed[0] is x:   # computed with its siblings (shared_qkv.py)
-            self.hand_back = None
-            return handed[1]
+        group = self.group   # siblings reading one input (shared_qkv.SharedInputGroup)
+        if group is not None and up is None and not args and not kwargs:
+            out = group.output(self, x)
+            if out is not None:
+                return out
         reference = self.merged or self.impl == "loop" or (self.kernels.fp32_path and self.combiner.routed)
         if up is not None:
             out = None if reference else self._kernel(x, up)
