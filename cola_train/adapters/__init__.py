@@ -25,7 +25,8 @@ from .io import (adapter_info, backend, export_peft, load_adapter, our_layers, r
                  set_info, unwrap)
 from .lowrank import LowRankLinear
 from .options import Kernels
-from .spec import AdapterError, method_config, validate
+from .registry import validate
+from .spec import AdapterError, method_config
 
 AdapterLinear = LowRankLinear   # the name before the one-layer refactor
 log = logging.getLogger("cola_train.adapters")

@@ -23,7 +23,7 @@ from ..progress import bar
 from . import committed, gated_mlp, peft_methods, shared_qkv
 from . import init as inits
 from .combiners import AuxCollector
-from .lowrank import LowRankLinear
+from .lowrank import COMMITTED_A, COMMITTED_B, OPTIONAL_STATE, LowRankLinear
 from .options import DEFAULT as DEFAULT_KERNELS, Kernels
 from .spec import AdapterError, match_targets
 
@@ -310,15 +310,13 @@ class OursBackend(Backend):
     def load(self, base_model, directory, meta, targets, log):
         from safetensors.torch import load_file
 
-        from .io import check_tensors, describe
-
         path = os.path.join(directory, WEIGHTS)
         if not os.path.isfile(path):
-            raise AdapterError(f"{directory!r} has no {WEIGHTS} for method {describe(self.cfg)}")
+            raise AdapterError(f"{directory!r} has no {WEIGHTS} for method {self.method.describe(self.cfg)}")
         tensors = load_file(path)
         model = self.attach(base_model, targets, 0, True, log)
         layers = our_layers(model)
-        per_layer = check_tensors(layers, tensors, self.cfg, directory)
+        per_layer = check_tensors(layers, tensors, self.cfg, directory, self.method.describe(self.cfg))
         for name, layer in layers.items():
             layer.load_adapter_state(per_layer[name], float(meta.get("init_coef", {}).get(name, 1.0)))
         return model
@@ -347,3 +345,46 @@ def _load_full(model: nn.Module, directory: str) -> None:
     for key in missing:  # tied weights (e.g. lm_head) are saved once
         if key in params and params[key].data_ptr() not in loaded:
             raise AdapterError(f"model weight {key!r} missing from {directory!r}")
+
+
+def check_tensors(layers, tensors, cfg, directory, label: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Every saved tensor belongs to a layer of the method (`label`: how the messages name it), with the shape it has."""
+    per_layer = {name: {} for name in layers}
+    for key, value in tensors.items():
+        name, _, local = key.rpartition(".")
+        if name not in layers:  # a submodule's tensor, e.g. router.weight, mole_gate.e
+            parent, _, sub = name.rpartition(".")
+            if parent in layers:
+                name, local = parent, f"{sub}.{local}"
+        if name not in layers:
+            raise AdapterError(f"adapter weight {key!r} in {directory!r} matches no {label} layer "
+                               f"of this model")
+        per_layer[name][local] = value
+    for name, layer in layers.items():
+        expected = {k: tuple(v.shape) for k, v in layer.adapter_state().items() if k not in OPTIONAL_STATE}
+        got = per_layer[name]
+        for key, shape in expected.items():
+            if key not in got:
+                raise AdapterError(f"adapter weight '{name}.{key}' missing from {directory!r} "
+                                   f"(method {label})")
+            if tuple(got[key].shape) != shape:
+                raise AdapterError(f"adapter weight '{name}.{key}' has shape {tuple(got[key].shape)} but "
+                                   f"method {label} expects {shape}")
+        extra = set(got) - set(expected) - set(OPTIONAL_STATE)
+        if extra:
+            raise AdapterError(f"adapter weight '{name}.{sorted(extra)[0]}' is not part of method {label}")
+        has_init = "A0" in got and "B0" in got
+        if ("A0" in got) != ("B0" in got) or (cfg.init in ("pissa", "pissa_split") and not has_init):
+            raise AdapterError(f"adapter layer {name!r} in {directory!r} lacks its initial factors A0/B0")
+        if (COMMITTED_A in got) != (COMMITTED_B in got):
+            raise AdapterError(f"adapter layer {name!r} in {directory!r} has only one of its committed factors "
+                               f"{COMMITTED_A}/{COMMITTED_B}")
+        for a_key, b_key in (("A0", "B0"), (COMMITTED_A, COMMITTED_B)):
+            if a_key not in got:
+                continue
+            A0, B0 = got[a_key], got[b_key]
+            if (A0.dim() != 2 or B0.dim() != 2 or A0.shape[1] != layer.in_features
+                    or B0.shape[0] != layer.out_features or A0.shape[0] != B0.shape[1]):
+                raise AdapterError(f"adapter layer {name!r}: {a_key} {tuple(A0.shape)} / {b_key} {tuple(B0.shape)} "
+                                   f"do not fit in={layer.in_features}, out={layer.out_features}")
+    return per_layer

@@ -55,7 +55,7 @@ class Combiner:
 
     @classmethod
     def check(cls, cfg) -> None:
-        """Rules of this method's config beyond the common ones (spec.validate): AdapterError."""
+        """Rules of this method's config beyond the common ones (spec.check_common; registry.validate runs both): AdapterError."""
 
     @classmethod
     def describe(cls, cfg) -> str:

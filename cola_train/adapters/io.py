@@ -22,8 +22,10 @@ from torch import nn
 
 from . import registry
 from .backends import PEFT_RECORD, WEIGHTS, our_layers  # noqa: F401  (their old home)
+from .backends import check_tensors as _backend_check_tensors
 from .lowrank import COMMITTED_A, COMMITTED_B, OPTIONAL_STATE
-from .spec import AdapterError, config_dict, method_config, validate
+from .registry import validate
+from .spec import AdapterError, config_dict, method_config
 
 META = "cola_adapter.json"
 FORMAT = "cola_train.adapter/1"
@@ -131,45 +133,8 @@ def load_adapter(base_model: nn.Module, directory: Union[str, os.PathLike], meth
 
 
 def check_tensors(layers, tensors, cfg, directory) -> Dict[str, Dict[str, torch.Tensor]]:
-    per_layer = {name: {} for name in layers}
-    for key, value in tensors.items():
-        name, _, local = key.rpartition(".")
-        if name not in layers:  # a submodule's tensor, e.g. router.weight, mole_gate.e
-            parent, _, sub = name.rpartition(".")
-            if parent in layers:
-                name, local = parent, f"{sub}.{local}"
-        if name not in layers:
-            raise AdapterError(f"adapter weight {key!r} in {directory!r} matches no {describe(cfg)} layer "
-                               f"of this model")
-        per_layer[name][local] = value
-    for name, layer in layers.items():
-        expected = {k: tuple(v.shape) for k, v in layer.adapter_state().items() if k not in OPTIONAL_STATE}
-        got = per_layer[name]
-        for key, shape in expected.items():
-            if key not in got:
-                raise AdapterError(f"adapter weight '{name}.{key}' missing from {directory!r} "
-                                   f"(method {describe(cfg)})")
-            if tuple(got[key].shape) != shape:
-                raise AdapterError(f"adapter weight '{name}.{key}' has shape {tuple(got[key].shape)} but "
-                                   f"method {describe(cfg)} expects {shape}")
-        extra = set(got) - set(expected) - set(OPTIONAL_STATE)
-        if extra:
-            raise AdapterError(f"adapter weight '{name}.{sorted(extra)[0]}' is not part of method {describe(cfg)}")
-        has_init = "A0" in got and "B0" in got
-        if ("A0" in got) != ("B0" in got) or (cfg.init in ("pissa", "pissa_split") and not has_init):
-            raise AdapterError(f"adapter layer {name!r} in {directory!r} lacks its initial factors A0/B0")
-        if (COMMITTED_A in got) != (COMMITTED_B in got):
-            raise AdapterError(f"adapter layer {name!r} in {directory!r} has only one of its committed factors "
-                               f"{COMMITTED_A}/{COMMITTED_B}")
-        for a_key, b_key in (("A0", "B0"), (COMMITTED_A, COMMITTED_B)):
-            if a_key not in got:
-                continue
-            A0, B0 = got[a_key], got[b_key]
-            if (A0.dim() != 2 or B0.dim() != 2 or A0.shape[1] != layer.in_features
-                    or B0.shape[0] != layer.out_features or A0.shape[0] != B0.shape[1]):
-                raise AdapterError(f"adapter layer {name!r}: {a_key} {tuple(A0.shape)} / {b_key} {tuple(B0.shape)} "
-                                   f"do not fit in={layer.in_features}, out={layer.out_features}")
-    return per_layer
+    """backends.check_tensors, the method named as describe() names it."""
+    return _backend_check_tensors(layers, tensors, cfg, directory, describe(cfg))
 
 
 _check_tensors = check_tensors

@@ -13,7 +13,6 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .combiners import balance_loss, gate_mean, loss_of_means  # noqa: F401  (importable from here too)
 from .spec import AdapterError
 
 

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Type
 
 from . import combiners
 from .backends import Backend, FullBackend, OursBackend, PeftBackend
-from .spec import AdapterError
+from .spec import AdapterError, check_common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,3 +88,24 @@ def lookup(cfg) -> Method:
     if choices:
         raise AdapterError(f"unknown method.strategy {cfg.strategy!r} (expected one of {', '.join(choices)})")
     raise AdapterError(f"unknown method kind {cfg.kind!r} (expected one of {', '.join(kinds())})")
+
+
+def validate(cfg) -> None:
+    """Cross-field rules; the message names the offending field and value. The rules of one
+    method live with its combiner / backend (Method.check)."""
+    if cfg.kind == "chain":
+        raise AdapterError(
+            f"method kind 'chain' is a training schedule, not a layer: attach its base method "
+            f"({cfg.base!r}) and drive commit_adapter/reinit_adapter from the schedule"
+        )
+    if not known_kind(cfg.kind):
+        raise AdapterError(f"unknown method kind {cfg.kind!r} (expected one of {', '.join(kinds())})")
+    if not takes_adapter_options(cfg.kind):   # full fine-tuning: nothing else to check
+        return
+    check_common(cfg)
+    method = lookup(cfg)
+    if cfg.expert_paths and not method.uses_expert_paths:
+        users = [k for k, m in METHODS.items() if m.uses_expert_paths]
+        raise AdapterError(f"method.expert_paths is only used by kind {', '.join(map(repr, users))}, "
+                           f"not {cfg.kind!r}")
+    method.check(cfg)

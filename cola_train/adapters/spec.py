@@ -49,20 +49,9 @@ def config_dict(cfg: MethodConfig) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def validate(cfg: MethodConfig) -> None:
-    """Cross-field rules; the message names the offending field and value. The rules of one
-    method live with its combiner / backend (registry.Method.check)."""
-    from . import registry
-
-    if cfg.kind == "chain":
-        raise AdapterError(
-            f"method kind 'chain' is a training schedule, not a layer: attach its base method "
-            f"({cfg.base!r}) and drive commit_adapter/reinit_adapter from the schedule"
-        )
-    if not registry.known_kind(cfg.kind):
-        raise AdapterError(f"unknown method kind {cfg.kind!r} (expected one of {', '.join(registry.kinds())})")
-    if not registry.takes_adapter_options(cfg.kind):   # full fine-tuning: nothing else to check
-        return
+def check_common(cfg: MethodConfig) -> None:
+    """The rules every adapter method shares (rank, alpha, dropout, init, SVD, impl, counts); the
+    method's own live with its combiner / backend, and registry.validate runs both."""
     if not isinstance(cfg.r, int) or cfg.r < 1:
         raise AdapterError(f"method.r must be an integer >= 1, got {cfg.r!r}")
     if not cfg.alpha > 0:
@@ -85,12 +74,6 @@ def validate(cfg: MethodConfig) -> None:
         value = getattr(cfg, field)
         if not isinstance(value, int) or value < 1:
             raise AdapterError(f"method.{field} must be an integer >= 1, got {value!r}")
-    method = registry.lookup(cfg)
-    if cfg.expert_paths and not method.uses_expert_paths:
-        users = [k for k, m in registry.METHODS.items() if m.uses_expert_paths]
-        raise AdapterError(f"method.expert_paths is only used by kind {', '.join(map(repr, users))}, "
-                           f"not {cfg.kind!r}")
-    method.check(cfg)
 
 
 def _matches(name: str, target: str) -> bool:
