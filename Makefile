@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python -m cola_train experiment=demo
 
+# two workers (the CI machine has 2 cores); tests that start several processes share one (conftest.py)
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not distributed and not slurm"

@@ -1,13 +1,13 @@
-"""How a batch of tokenized samples becomes tensors: padded to the longest sample, rounded up.
+"""How a batch of tokenized samples becomes tensors: padded to the longest sample, optionally
+rounded up (`trainer.pad_to_multiple_of`).
 
-Why round up (`trainer.pad_to_multiple_of`): every new sequence length is a new shape for the GPU.
-With lengths that differ every step, cuDNN's attention builds a new execution plan in each layer,
-forward and backward (about 2 ms of host time per call on an H200, a third of a default 8B step:
-docs/PERFORMANCE.md run 11), and cuBLAS picks tiles afresh. Rounding the padded length up to a
-multiple of 64 leaves at most cutoff_len / 64 shapes, each planned once. The extra positions are
-padding: masked in attention and -100 in the labels, so the loss is the same (to float rounding).
-`auto` rounds to 64 on a CUDA device and not at all on a CPU, where shapes cost nothing to plan
-and the padding would only add work.
+Why the option: every new sequence length is a new shape for the GPU, and the profile of a default
+8B run (docs/PERFORMANCE.md run 11) showed cuDNN's attention spending ~2 ms of host time per call.
+Rounding the padded length up to a multiple of 64 leaves at most cutoff_len / 64 shapes. Measured in
+the same way (run 11, call B) it did not make the default run faster (median step 460 against 436 ms
+without), so it is off by default (1); `auto` rounds to 64 on a CUDA device and not on a CPU. The
+extra positions are padding: masked in attention and -100 in the labels, so the loss is the same to
+float rounding (tests/test_collate.py).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def pad_multiple(value: Any, cuda: Optional[bool] = None) -> Optional[int]:
     return None if value == 1 else value
 
 
-def collator(tokenizer, value: Any = "auto"):
+def collator(tokenizer, value: Any = 1):
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,

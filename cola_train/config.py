@@ -535,8 +535,8 @@ class TrainerConfig:
     fp32_adapter_path: bool = False            # bf16/fp16: the adapters' low-rank path in fp32 (fp32_path.py)
     compile: bool = False                      # torch.compile each transformer block (regional_compile.py)
     kernels: Kernels = Kernels.auto            # auto | liger | none: fused model kernels under the adapters (kernels.py)
-    # round each batch's padded length up (collate.py): auto = 64 on a CUDA device, none on a CPU
-    pad_to_multiple_of: Any = "auto"
+    # round each batch's padded length up (collate.py): 1 = no rounding; auto = 64 on a CUDA device
+    pad_to_multiple_of: Any = 1
     profile_steps: int = 0                     # >0: torch profiler over that many steps (profiling.py, profile.txt)
     logging_steps: int = 10
     eval_steps: int = 0                        # 0: evaluate at the end only

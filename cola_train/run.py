@@ -182,6 +182,7 @@ def run(cfg, out: Path) -> dict:
     loggers.attach(trainer, report_to)  # peak GPU memory into every logged step; the MLflow run
     schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
     results = RunRecord(out, config=OmegaConf.to_container(cfg, resolve=True), kernels=applied_kernels,
+                        adapter_kernels=adapters.kernels_of(model),  # what our layers compute with (options.py)
                         n_train_samples=len(train_ds), n_val_samples=len(val_ds) if val_ds else 0)
     trainable, total = adapters.trainable_parameters(model)
     results["params"] = {"trainable": trainable, "total": total}

@@ -139,10 +139,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def split_argv(argv=None) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the overrides after `--` that go to every run)."""
     raw = list(sys.argv[1:] if argv is None else argv)
-    extra = raw[raw.index("--") + 1:] if "--" in raw else []
-    raw = raw[:raw.index("--")] if "--" in raw else raw
+    if "--" not in raw:
+        return raw, []
+    return raw[:raw.index("--")], raw[raw.index("--") + 1:]
+
+
+def main(argv=None) -> int:
+    raw, extra = split_argv(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama3_1_8b", choices=sorted(MODEL_CONFIG))
     p.add_argument("--ckpt", type=Path, help="where the random-weight checkpoint is (made if absent)")

@@ -74,9 +74,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    raw = list(sys.argv[1:] if argv is None else argv)
-    extra = raw[raw.index("--") + 1:] if "--" in raw else []
-    raw = raw[:raw.index("--")] if "--" in raw else raw
+    raw, extra = bench_run.split_argv(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama3_1_8b", choices=sorted(bench_run.MODEL_CONFIG))
     p.add_argument("--ckpt", type=Path, required=True, help="the random-weight checkpoint (made if absent)")

@@ -8,8 +8,8 @@ MoLE (Wu, Huang, Wei, ICLR 2024) composes LoRA experts that were trained beforeh
 only the gate (PAPERS.md, MoLE). Step 1 runs `python -m cola_train method=lora data=<domain>` for
 each domain into <out>/experts/<domain>; each run's adapter (<run>/adapter, a PEFT LoRA dir) is an
 expert. Step 2 runs `python -m cola_train method=mole data=<gate data>` into <out>/gate with
-method.num_A = num_B = the number of experts, method.expert_paths = those adapter dirs and the
-experts frozen (method.freeze_experts=true), so only the gate trains.
+method.num_A = num_B = the number of experts and method.expert_paths = those adapter dirs; MoLE
+keeps its experts frozen, so only the gate trains.
 
 Overrides after `--` go to every run; --expert-args / --gate-args (one string each, split like a
 shell line) to the expert runs / the gate run only. An expert whose run completed (results.json
@@ -57,7 +57,8 @@ def gate_command(python: str, out: Path, domains: list[str], gate_data: str, gat
     k = len(domains)
     return [python, "-m", "cola_train", f"method={gate_method}", f"data={gate_data}",
             f"method.num_A={k}", f"method.num_B={k}", f"method.expert_paths=[{paths}]",
-            "method.freeze_experts=true", "method.init=lora",
+            # MoLE as published always freezes its experts; our token-gated mixture is told to
+            *(["method.freeze_experts=true"] if gate_method != "mole" else []), "method.init=lora",
             f"output_dir={hydra_quote(str(run_dir))}", f"hydra.run.dir={hydra_quote(str(run_dir))}", *common, *extra]
 
 

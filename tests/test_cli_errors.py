@@ -38,7 +38,7 @@ def _check(proc, pattern: str):
     (["method=chain_of_lora", "method.link_fractions=[0.5,0.2,0.2]"], r"method.link_fractions=\[0.5, 0.2, 0.2\] sums to 0.9, not 1"),
     (["method=chain_of_lora", "method.rank_schedule=[8,4]"], r"method.rank_schedule has 2 entries but method.links=3"),
     (["eval=default", "eval.benchmark=mmlu_pro"], r"mmlu_pro"),
-    (["method=mole", "method.init=pissa"], r"^error: method=mole with method.init=pissa is degenerate: .*use method.init=lora$"),
+    (["method=lora_moe", "method.init=pissa"], r"^error: method=lora_moe with method.init=pissa is degenerate: .*use method.init=lora$"),
     (["method=lora", "method.num_B=3"], r"^error: unknown key 'method.num_B'; method \(kind peft\) has: name, kind, r, "),
     (["method=cola_fully", "method.strategy=sometimes"], r"^error: method.strategy='sometimes' is not one of fully, random, heuristic$"),
 ])

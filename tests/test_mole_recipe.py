@@ -28,7 +28,7 @@ def test_dry_run_commands_and_skipping_a_trained_expert(tmp_path):
     (done / "adapter" / "adapter_config.json").write_text("{}")
     (done / "results.json").write_text(json.dumps({"status": "completed"}))
     proc = recipe(["--domains", "math,finance", "--gate-data", "math", "--out", str(tmp_path), "--dry-run",
-                   "--gate-args", "method.balance_coef=0.5", "--", "model=tiny_llama"])
+                   "--gate-args", "trainer.lr=1e-4", "--", "model=tiny_llama"])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"[mole_recipe] expert math: already trained in {done}"
@@ -38,7 +38,8 @@ def test_dry_run_commands_and_skipping_a_trained_expert(tmp_path):
     gate = shlex.split(lines[2].split(": ", 1)[1])
     assert gate[1:7] == ["-m", "cola_train", "method=mole", "data=math", "method.num_A=2", "method.num_B=2"]
     assert f"method.expert_paths=['{done}/adapter','{tmp_path}/experts/finance/adapter']" in gate
-    assert "method.freeze_experts=true" in gate and gate[-2:] == ["model=tiny_llama", "method.balance_coef=0.5"]
+    # MoLE's schema has no freeze_experts: its experts are always frozen
+    assert "method.freeze_experts=true" not in gate and gate[-2:] == ["model=tiny_llama", "trainer.lr=1e-4"]
 
 
 @pytest.mark.parametrize("domains,message", [

@@ -2,7 +2,7 @@
 
 One trained tiny LoRA run (module fixture, the real CLI; it also scores an lm-eval task after
 training) plus run dirs for other methods built in-process from its config with random,
-non-zero adapter factors (cola_fully: a mergeable method of our own; hydralora, mole: routed).
+non-zero adapter factors (cola_fully: a mergeable method of our own; hydralora, lora_moe: routed).
 References are independent of the code under test: the adapter loaded on a fresh base with
 adapters.load_adapter, HF generate on adapters.merged_model, PEFT's PeftModel.from_pretrained,
 AutoModelForCausalLM.from_pretrained on the written checkpoint.
@@ -58,7 +58,7 @@ def lora_run(tmp_path_factory, data_root):
 
 @pytest.fixture(scope="module")
 def built_runs(tmp_path_factory, lora_run):
-    """{method: run dir} for cola_fully, hydralora and mole: the lora run's config with another
+    """{method: run dir} for cola_fully, hydralora and lora_moe: the lora run's config with another
     method, and an adapter of random non-zero factors saved as a run saves it."""
     from omegaconf import OmegaConf
     from transformers import set_seed
@@ -67,7 +67,7 @@ def built_runs(tmp_path_factory, lora_run):
     from cola_train.models import load_model, target_modules
 
     runs = {}
-    for method in ("cola_fully", "hydralora", "mole"):
+    for method in ("cola_fully", "hydralora", "lora_moe"):
         run = tmp_path_factory.mktemp(method)
         cfg = OmegaConf.load(lora_run / ".hydra" / "config.yaml")
         cfg.method = compose([f"method={method}"]).method   # its kind's schema, as a run composes it
@@ -155,7 +155,7 @@ def test_interactive_chat_keeps_the_conversation(lora_run, capsys, monkeypatch):
     assert replies[0] in out and replies[1] in out  # both streamed
 
 
-@pytest.mark.parametrize("method", ["hydralora", "mole"])
+@pytest.mark.parametrize("method", ["hydralora", "lora_moe"])
 def test_a_routed_method_generates_unmerged(built_runs, method, capsys):
     from cola_train import generate
 
@@ -261,7 +261,7 @@ def test_merged_export_refuses_a_wrong_merge_and_writes_nothing(lora_run, tmp_pa
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no partial directory either
 
 
-@pytest.mark.parametrize("method", ["hydralora", "mole"])
+@pytest.mark.parametrize("method", ["hydralora", "lora_moe"])
 def test_export_refuses_a_routed_method(built_runs, method, tmp_path, capsys):
     from cola_train import export
 
