@@ -26,9 +26,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python -m cola_train experiment=demo
 
-# two workers (the CI machine has 2 cores); tests that start several processes share one (conftest.py)
+# the single-process tests on two workers (the CI machine has 2 cores), then the tests that start
+# several processes (ranks, a SLURM cluster) one after another, alone on the machine
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 -m "not distributed and not slurm and not gpu"
+	$(BIN)/python -m pytest -q -m "(distributed or slurm) and not gpu"
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not distributed and not slurm"

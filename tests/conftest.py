@@ -16,18 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COLA_DATA_ROOT", str(DATA_ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on a 2-core machine: one thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs the single-process tests on two workers: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) the tests that start several
-    processes (ranks, a SLURM cluster) run one after another on one worker: two of them at once
-    would put four ranks on two cores, and the SLURM tests share one local cluster."""
-    for item in items:
-        if item.get_closest_marker("distributed") or item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 @pytest.fixture(scope="session")
