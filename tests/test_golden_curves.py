@@ -74,5 +74,9 @@ def test_adapter_saved_by_the_old_code_loads(name):
     """tests/golden/adapters_v1 was written by main's code before the one-layer refactor
     (scripts/golden_adapters.py --write): tensor names, residual base, committed links, routers
     and PEFT records load, and the loaded model computes the loss the saving model did."""
+    if not any((saved.FIXTURES / name).glob("*.safetensors")):
+        # weights stay out of git: write them from the pre-redesign code (commit 4327780) with
+        # PYTHONPATH=<that checkout> python scripts/golden_adapters.py --write
+        pytest.skip(f"no saved weights in {saved.FIXTURES / name} (scripts/golden_adapters.py --write)")
     got = saved.load(name)
     assert abs(got - SAVED_LOSSES[name]) <= 1e-6 * abs(SAVED_LOSSES[name]), (name, got, SAVED_LOSSES[name])
