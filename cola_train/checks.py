@@ -87,6 +87,9 @@ def spanning(cfg) -> None:
     """The rules that involve more than one group (cfg: the typed Config)."""
     from .config import Kind, link_ends
 
+    from .data.packing import check as check_packing
+
+    check_packing(cfg)  # data.packing against trainer.pad_to_multiple_of and model.family
     t, m, ds = cfg.trainer, cfg.method, cfg.deepspeed.name
     if t.fp32_adapter_path and (not t.master_weights or ds != "none"):
         raise ConfigError("trainer.fp32_adapter_path=true needs fp32 adapter weights in the model: "

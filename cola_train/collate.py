@@ -30,7 +30,13 @@ def pad_multiple(value: Any, cuda: Optional[bool] = None) -> Optional[int]:
     return None if value == 1 else value
 
 
-def collator(tokenizer, value: Any = 1):
+def collator(tokenizer, value: Any = 1, packing: bool = False):
+    """The batch collator: padded to the longest (rounded up by `value`), or with `packing` the
+    examples in one row without padding (data/packing.py)."""
+    if packing:
+        from .data.packing import collator as packed
+
+        return packed()
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,

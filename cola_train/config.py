@@ -96,6 +96,15 @@ class Kernels(StrEnum):
     none = "none"
 
 
+class AttnKernel(StrEnum):  # torch SDPA backends a CUDA run may use (attention.py)
+    auto = "auto"
+    flash = "flash"
+    efficient = "efficient"
+    cudnn = "cudnn"
+    math = "math"
+    torch = "torch"
+
+
 class Template(StrEnum):
     chat = "chat"
     plain = "plain"
@@ -509,6 +518,7 @@ class DataConfig:
     format: DataFormat = DataFormat.auto       # auto | alpaca | sharegpt | messages | text
     skip_bad_rows: bool = False                # skip (and count) bad records instead of stopping
     too_long: TooLong = TooLong.truncate       # records past cutoff_len: truncate | drop (counted)
+    packing: bool = False                      # padding-free batches: examples in one row (data/packing.py)
 
     def check(self) -> None:
         # fraction / max_samples / val_fraction: data.sampling.check_sample_config (checks.py calls it)
@@ -535,6 +545,7 @@ class TrainerConfig:
     fp32_adapter_path: bool = False            # bf16/fp16: the adapters' low-rank path in fp32 (fp32_path.py)
     compile: bool = False                      # torch.compile each transformer block (regional_compile.py)
     kernels: Kernels = Kernels.auto            # auto | liger | none: fused model kernels under the adapters (kernels.py)
+    attn_kernel: AttnKernel = AttnKernel.auto  # SDPA backends on CUDA; auto: no cuDNN (attention.py)
     # round each batch's padded length up (collate.py): 1 = no rounding; auto = 64 on a CUDA device
     pad_to_multiple_of: Any = 1
     profile_steps: int = 0                     # >0: torch profiler over that many steps (profiling.py, profile.txt)

@@ -70,6 +70,9 @@ class StepProfiler(TrainerCallback):
             "collectives_s": None if nccl_us is None else round(nccl_us / 1e6, 4),
             "collectives_share": None if not busy_us else round(nccl_us / busy_us, 4),
             "ops": sum(e.count for e in averages if e.key.startswith("aten::")),
+            # per step, and only the top-level aten ops (none nested in another: aten::linear, not also
+            # its aten::t and aten::addmm), as scripts/bench_throughput.py's "ops" column counts them
+            "top_level_ops_per_step": round(top_level_ops(prof) / steps),
             "table": "profile.txt",
         }
         if state.is_world_process_zero:
@@ -81,6 +84,22 @@ class StepProfiler(TrainerCallback):
             busy = "" if busy_us is None else f", device busy {self.summary['device_busy']:.0%}"
             log.info("profiled %d steps: %.0f ms a step%s (%s)", steps, self.summary["step_ms"], busy,
                      self.out / "profile.txt")
+
+
+def top_level_ops(prof) -> int:
+    """aten ops called from outside any other aten op. `ops` (every aten event) counts an op and
+    the ops it calls inside it (aten::to -> _to_copy -> empty_strided, copy_), so it is several
+    times the count bench_throughput reports for the same step (docs/PERFORMANCE.md compared the
+    two: ~30k against ~8.4k a step, mostly this difference)."""
+    def nested(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not nested(e))
 
 
 def profiler(cfg, out: Path) -> Optional[StepProfiler]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import adapters, chain, checks, collate, config, distributed, factor_scales, kernels, loggers, preemption, \
+from . import adapters, attention, chain, checks, collate, config, distributed, factor_scales, kernels, loggers, preemption, \
     profiling, resume as resuming
 from .checks import validate
 from .energy import EnergyMeter, energy_summary
@@ -173,7 +173,7 @@ def run(cfg, out: Path) -> dict:
     with phases("trainer set-up"):
         trainer = ColaTrainer(
             model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-            data_collator=collate.collator(tokenizer, cfg.trainer.pad_to_multiple_of),
+            data_collator=collate.collator(tokenizer, cfg.trainer.pad_to_multiple_of, cfg.data.packing),
             # totals before the marker: a checkpoint marked complete holds the run's totals so far
             callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
                        StopOnNonFiniteLoss(), *no_gradient, totals, timer, *filter(None, [step_profiler]),
@@ -184,6 +184,7 @@ def run(cfg, out: Path) -> dict:
     results = RunRecord(out, config=OmegaConf.to_container(cfg, resolve=True), kernels=applied_kernels,
                         adapter_kernels=adapters.kernels_of(model),  # what our layers compute with (options.py)
                         n_train_samples=len(train_ds), n_val_samples=len(val_ds) if val_ds else 0)
+    results["attention"] = attention.apply(cfg.trainer.attn_kernel, torch.cuda.is_available())  # SDPA backends
     trainable, total = adapters.trainable_parameters(model)
     results["params"] = {"trainable": trainable, "total": total}
     log.info("%s: %d train / %d val samples; %d of %d parameters trainable",

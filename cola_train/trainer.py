@@ -15,6 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from . import adapters, checkpoints, factor_scales, parallel
+from .data.packing import real_tokens
 from .results import append_jsonl
 
 
@@ -80,8 +81,17 @@ class ColaTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.trained_tokens = 0
+        self._trained = 0  # an int, or a device tensor summed without a host sync (read when asked)
         self._lr = _Restartable()  # shared with the shallow copy DeepSpeed's integration schedules on
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens trained on so far, padding left out (data/packing.py real_tokens)."""
+        return int(self._trained)
+
+    @trained_tokens.setter
+    def trained_tokens(self, value: int) -> None:
+        self._trained = value
 
     # -- restart: a new link of a Chain of LoRA run starts as if a fresh Trainer took over, but in
     # the same one, so the step count, data order, random stream, callbacks, checkpoints and the
@@ -212,8 +222,9 @@ class ColaTrainer(Trainer):
         parallel.barrier()
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        if model.training and "attention_mask" in inputs:
-            self.trained_tokens += int(inputs["attention_mask"].sum())
+        if model.training:
+            # no int() here: on a GPU that would wait for the device every micro-step
+            self._trained = self._trained + real_tokens(inputs)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         if not model.training:
             return out

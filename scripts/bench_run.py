@@ -19,6 +19,12 @@ come from the run's own results.json ("timings", written by cola_train/phases.py
 - peak GiB: torch.cuda.max_memory_allocated over training;
 - checkpoint save seconds and size (the last save), eval seconds (validation loss + benchmark).
 Arguments after `--` go to every run (e.g. `deepspeed=zero3`, `trainer.kernels=none`).
+`--variants` runs each method once per named variant (VARIANTS: the host-cost options of issue #22,
+padding-free packing and the attention backend), e.g. the comparison to make on one lease:
+
+    python scripts/bench_run.py --ckpt /root/ckpt8b --methods cola_heuristic,lora \
+        --variants default,packing,attn_cudnn,packing_compile
+
 Prints a Markdown table last and writes JSON (--out).
 """
 from __future__ import annotations
@@ -38,6 +44,16 @@ METHODS = ["lora", "pissa", "cola_fully", "cola_random", "cola_heuristic", "hydr
            "chain_of_lora", "fft"]
 # each method's overrides beyond its own YAML: Chain of LoRA chains CoLA heuristic, as the issue asks
 EXTRA = {"chain_of_lora": ["method.base=cola_heuristic", "method.links=3"]}
+# named override sets (--variants): `default` is the configs' defaults (trainer.attn_kernel=auto:
+# flash / memory-efficient attention, no cuDNN); the others change one host-cost option each
+VARIANTS = {
+    "default": [],
+    "packing": ["data.packing=true"],                     # padding-free: one row per batch (data/packing.py)
+    "attn_cudnn": ["trainer.attn_kernel=cudnn"],          # the attention backend before trainer.attn_kernel
+    "attn_torch": ["trainer.attn_kernel=torch"],          # torch's own choice (cuDNN first on an H200)
+    "packing_compile": ["data.packing=true", "trainer.compile=true"],
+    "pad64": ["trainer.pad_to_multiple_of=64"],
+}
 MODEL_CONFIG = {"llama3_1_8b": "llama3_1_8b", "llama3_2_3b": "llama3_2_3b", "small": "tiny_llama"}
 
 
@@ -65,22 +81,23 @@ def build_checkpoint(shape: str, ckpt: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_method(method: str, args, extra: list[str], runs: Path) -> dict:
-    run_dir = runs / method
+def run_method(method: str, args, extra: list[str], runs: Path, variant: str = "default") -> dict:
+    label = method if variant == "default" else f"{method}+{variant}"
+    run_dir = runs / label
     model = MODEL_CONFIG[args.shape]
     save = max(1, args.steps // 2)
     cmd = [sys.executable, "-m", "cola_train", f"model={model}", f"model.path={args.ckpt}",
            "model.tokenizer=bytes", "model.random_init=false", f"method={method}", f"data={args.data}",
            f"data.max_samples={args.samples}", f"trainer.max_steps={args.steps}",
            f"trainer.save_steps={save}", f"eval.max_examples={args.eval_examples}", "logger=none",
-           f"hydra.run.dir={run_dir}", *EXTRA.get(method, []), *extra]
+           f"hydra.run.dir={run_dir}", *EXTRA.get(method, []), *VARIANTS[variant], *extra]
     if args.shape == "small":
         cmd.append("model.hub_id=null")
     start = time.time()
-    with open(runs / f"{method}.log", "w") as log:
+    with open(runs / f"{label}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - start
-    row = {"method": method, "rc": proc.returncode, "wall_s": wall, "command": " ".join(cmd[1:])}
+    row = {"method": label, "variant": variant, "rc": proc.returncode, "wall_s": wall, "command": " ".join(cmd[1:])}
     try:
         results = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
@@ -154,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", type=Path, help="where the random-weight checkpoint is (made if absent)")
     p.add_argument("--table", type=Path, help="only print the table of an earlier run's JSON")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--variants", default="default",
+                   help=f"comma-separated, each method once per variant: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--data", default="math")
@@ -170,6 +189,10 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if not (REPO / "conf" / "method" / f"{m}.yaml").is_file()]
     if unknown:
         p.error(f"--methods {','.join(unknown)}: no such method; choose from {', '.join(METHODS)}")
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        p.error(f"--variants {','.join(bad)}: no such variant; choose from {', '.join(VARIANTS)}")
     args.runs.mkdir(parents=True, exist_ok=True)
     built = None
     if not (args.ckpt / "config.json").is_file():
@@ -178,12 +201,12 @@ def main(argv=None) -> int:
         print(f"checkpoint built and saved in {built:.1f} s", flush=True)
     rows = []
     out = args.out or args.runs / "bench_run.json"
-    for method in methods:
-        print(f"{method} ...", flush=True)
-        row = run_method(method, args, extra, args.runs)
+    for method, variant in [(m, v) for m in methods for v in variants]:
+        print(f"{method} ({variant}) ...", flush=True)
+        row = run_method(method, args, extra, args.runs, variant)
         rows.append(row)
         t = row.get("timings") or {}
-        print(f"{method}: {row.get('status')} (rc {row['rc']}), first step after "
+        print(f"{row['method']}: {row.get('status')} (rc {row['rc']}), first step after "
               f"{_f(t.get('time_to_first_step_s'))} s, {_f(t.get('steady_tokens_per_s'), '.0f')} tok/s, "
               f"wall {row['wall_s']:.0f} s", flush=True)
         # after every row: a run cut short by a time limit keeps the rows it finished

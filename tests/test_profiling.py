@@ -18,6 +18,8 @@ def test_profile_steps_writes_table_and_summary(tmp_path, data_root):
     # steps 3 and 4 of 8: after the three warm steps, exactly two optimizer steps
     assert (prof["steps"], prof["from_step"]) == (2, 3)
     assert prof["wall_s"] > 0 and prof["ops"] > 0
+    # the count bench_throughput reports (no op nested in another): fewer than every aten event
+    assert 0 < prof["top_level_ops_per_step"] * prof["steps"] < prof["ops"]
     assert prof["device_busy"] is None  # CPU: no device time to sum
     table = (out / "profile.txt").read_text()
     assert table.startswith("# 2 optimizer steps from step 3")
