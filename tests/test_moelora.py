@@ -14,10 +14,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import reference_moe as ref
-from cola_train.adapters import AdapterError, attach_adapter, load_adapter, merge_adapter, save_adapter
+from cola_train.adapters import (AdapterError, attach_adapter, export_peft, load_adapter, merge_adapter,
+                                 merged_model, save_adapter)
 from cola_train.adapters.combiners import TaskGate
 from cola_train.adapters.lowrank import LowRankLinear
-from cola_train.adapters.task_input import TaskInput
+from cola_train.adapters.task_input import TaskInput, set_default_task
 from cola_train.config import ConfigError, MethodConfig
 
 F64 = torch.float64
@@ -144,6 +145,22 @@ def test_tiny_llama_two_tasks_step_zero_training_and_save_load(tmp_path):
     with pytest.raises(AdapterError, match="num_tasks 2 != 3"):
         load_adapter(llama(), tmp_path / "a", method(num_tasks=3))
 
+    # merge and export serve one task: refused without one, method.default_task's with one
+    with pytest.raises(AdapterError, match=r"^moelora weights its experts by each sequence's task"):
+        export_peft(model, tmp_path / "peft0")
+    assert set_default_task(model, 1) == 6                             # 2 blocks x 3 adapted linears
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, out1, atol=1e-6)   # no ids: task 1 now
+    export_peft(model, tmp_path / "peft1")
+    from peft import PeftModel
+
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(llama(), tmp_path / "peft1").eval()(input_ids=ids).logits
+        assert torch.allclose(peft_logits, out1, atol=1e-5)
+        plain = merged_model(model)
+        assert not any(isinstance(m, TaskInput) for m in plain.modules())   # a plain model: no task hook
+        assert torch.allclose(plain(input_ids=ids).logits, out1, atol=1e-5)
+
 
 # ------------------------------------------------------------------------------------------------
 # data: the task id of each record, in the batch, to the layers
@@ -238,15 +255,10 @@ def test_bad_task_settings_are_one_line(tmp_path, capsys):
         tasks.check_config(typed)
 
 
-def test_preset_composes():
+def test_preset_reads_openorcas_id_prefix_as_the_task():
     from conftest import compose
-    from cola_train.checks import validate
 
-    cfg = compose(["experiment=cola_paper_multitask_moelora", "model=tiny_llama"])
-    validate(cfg)
-    m = cfg.method
-    assert (m.kind, m.num_A, m.num_B, m.r, m.alpha, m.dropout, m.num_tasks) == ("moelora", 8, 8, 8, 16, 0.0, 4)
-    assert cfg.data.domain == "multitask" and cfg.data.task_key == "id" and list(cfg.data.tasks) == [
-        "cot", "flan", "niv", "t0"]
+    cfg = compose(["experiment=cola_paper_multitask_moelora"])
+    assert (cfg.method.num_tasks, cfg.data.task_key, list(cfg.data.tasks)) == (4, "id", ["cot", "flan", "niv", "t0"])
     import re
     assert [re.search(cfg.data.task_pattern, i).group(1) for i in ("niv.242684", "t0.1059221")] == ["niv", "t0"]
