@@ -262,3 +262,18 @@ def test_preset_reads_openorcas_id_prefix_as_the_task():
     assert (cfg.method.num_tasks, cfg.data.task_key, list(cfg.data.tasks)) == (4, "id", ["cot", "flan", "niv", "t0"])
     import re
     assert [re.search(cfg.data.task_pattern, i).group(1) for i in ("niv.242684", "t0.1059221")] == ["niv", "t0"]
+
+
+def test_a_run_saved_before_task_ids_resumes_without_changes():
+    """data.task_key / task_pattern / tasks at their defaults train as before they existed."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+    from cola_train.resume import differences
+
+    cfg = compose(["model=tiny_llama"])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("task_key", "task_pattern", "tasks"):
+        del saved["data"][key]
+    assert differences(saved, cfg) == {}
+    assert list(differences(saved, compose(["model=tiny_llama", "data.task_key=source"]))) == ["data.task_key"]

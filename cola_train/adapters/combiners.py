@@ -655,14 +655,17 @@ class TaskGate(RoutedCombiner):
     def gate(self, layer, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """omega, (batch, E) in float32 at least: the ids' gates (given, or the current forward's),
         else the default task's, else the mean over the tasks (1, E)."""
-        emb, W = layer.task_embedding.weight, layer.task_gate.weight
+        device = layer.task_embedding.weight.device
         if task_ids is None and self.tasks is not None:
             task_ids = self.tasks.current
-        if task_ids is not None:
-            return moe_ops.moelora_gate(task_ids.reshape(-1).to(emb.device), emb, W)
-        if self.default_task is not None:
-            return moe_ops.moelora_gate(torch.tensor([self.default_task], device=emb.device), emb, W)
-        return moe_ops.moelora_gate(torch.arange(self.num_tasks, device=emb.device), emb, W).mean(0, keepdim=True)
+        mean = task_ids is None and self.default_task is None
+        if task_ids is None:
+            task_ids = torch.arange(self.num_tasks) if mean else torch.tensor([self.default_task])
+        # softmax(W_T E[t]) as moe_ops.moelora_gate, through the module calls: DeepSpeed ZeRO-3
+        # gathers a partitioned weight when its module is called, not when it is read
+        logits = layer.task_gate(layer.task_embedding(task_ids.reshape(-1).to(device)))
+        omega = moe_ops.softmax_fp32(logits)
+        return omega.mean(0, keepdim=True) if mean else omega
 
     def route(self, layer, x: torch.Tensor) -> torch.Tensor:
         """Each row's expert weights (..., E): its sequence's omega. x is (batch, tokens, d) or its
