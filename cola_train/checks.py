@@ -101,6 +101,9 @@ def spanning(cfg) -> None:
         from .regional_compile import check as check_compile  # imports torch: only when asked
 
         check_compile(cfg)
+    from .data.tasks import check_config as check_tasks
+
+    check_tasks(cfg)  # data.task_key / task_pattern / tasks, and the method that reads the task ids
     if m.kind != Kind.chain:
         return
     ranks = list(m.rank_schedule or [])

@@ -38,6 +38,7 @@ class Kind(StrEnum):
     mole = "mole"               # our token-gated mixture of jointly trained experts (method=lora_moe)
     mole_block = "mole_block"   # MoLE as published (method=mole): frozen experts, a gate per block
     mola = "mola"               # MoLA: top-k routing, more experts in higher layers
+    moelora = "moelora"         # MOELoRA: a task-id gate over split-rank experts
     chain = "chain"
 
 
@@ -291,6 +292,39 @@ class MoleSchema(AdapterSchema):
             raise ConfigError(f"{where}.freeze_experts=true needs expert_paths (frozen untrained experts add nothing)")
 
 
+@dataclass
+class MoeloraSchema(AdapterSchema):
+    """MOELoRA (Liu et al. 2023): num_A experts sharing the rank r (r / num_A each), mixed per
+    sequence by a gate on its task's embedding (adapters/combiners.TaskGate). The task id comes
+    from the data (data.task_key); default_task is the task of a forward without one (the
+    benchmark, generation): null = the mean of the task gates. Merge / export need it set."""
+    kind: Kind = Kind.moelora
+    num_A: int = 8
+    num_B: int = 8
+    num_tasks: int = 2
+    task_embedding_dim: int = 64
+    default_task: Optional[int] = None
+    init: Init = Init.lora
+
+    def check(self, where: str = "method") -> None:
+        super().check(where)
+        if self.num_A < 2 or self.num_B != self.num_A:
+            raise ConfigError(f"moelora gates between num_A >= 2 experts (A_i, B_i), num_B = num_A: got "
+                              f"{where}.num_A={self.num_A}, {where}.num_B={self.num_B}")
+        if self.r % self.num_A:
+            raise ConfigError(f"moelora splits the rank among its experts: {where}.r={self.r} must be a multiple "
+                              f"of {where}.num_A={self.num_A}")
+        if self.num_tasks < 1 or self.task_embedding_dim < 1:
+            raise ConfigError(f"{where}.num_tasks={self.num_tasks} and {where}.task_embedding_dim="
+                              f"{self.task_embedding_dim} must be >= 1")
+        if self.default_task is not None and not 0 <= self.default_task < self.num_tasks:
+            raise ConfigError(f"{where}.default_task={self.default_task} must be null (the mean of the task "
+                              f"gates) or a task id in 0..{self.num_tasks - 1}")
+        if self.init != Init.lora:
+            raise ConfigError(f"moelora initialises as the authors' code (A ~ N(0, 0.01^2), B = 0): "
+                              f"{where}.init must be lora, got {self.init}")
+
+
 MERGEABLE = (Kind.peft, Kind.cola)   # a chain's base: an update that merges exactly into the weights
 
 
@@ -392,7 +426,7 @@ CHAIN_BASES = ("lora", "pissa", "cola_fully", "cola_random", "cola_heuristic")
 METHOD_SCHEMAS: Dict[Kind, type] = {
     Kind.none: FullFinetuneSchema, Kind.peft: PeftSchema, Kind.cola: ColaSchema,
     Kind.hydralora: HydraLoraSchema, Kind.mole: MoleSchema, Kind.mole_block: MoleBlockSchema,
-    Kind.mola: MolaSchema, Kind.chain: ChainSchema,
+    Kind.mola: MolaSchema, Kind.moelora: MoeloraSchema, Kind.chain: ChainSchema,
 }
 
 
@@ -438,6 +472,11 @@ class MethodConfig:
     # MoLA: each token's top_k experts; experts per layer group, bottom first ([] = num_A everywhere)
     top_k: int = 2
     experts_per_group: List[int] = field(default_factory=list)
+    # MOELoRA: tasks the gate knows (ids 0..num_tasks-1), its task-embedding width, the task of a
+    # forward without task ids (None: the mean of the task gates)
+    num_tasks: int = 2
+    task_embedding_dim: int = 64
+    default_task: Optional[int] = None
     # Chain of LoRA: a schedule around another adapter (`base`)
     base: Any = "lora"
     links: int = 1
@@ -519,6 +558,11 @@ class DataConfig:
     skip_bad_rows: bool = False                # skip (and count) bad records instead of stopping
     too_long: TooLong = TooLong.truncate       # records past cutoff_len: truncate | drop (counted)
     packing: bool = False                      # padding-free batches: examples in one row (data/packing.py)
+    # a task id per record (data/tasks.py; method=moelora's gate reads it): null | source (the
+    # record's source: its place in data.sources, or its file among data.path's) | a record field
+    task_key: Optional[str] = None
+    task_pattern: Optional[str] = None         # a regex on that field: its first group (or match) is the label
+    tasks: List[str] = field(default_factory=list)   # the labels in id order ([]: the sorted labels found)
 
     def check(self) -> None:
         # fraction / max_samples / val_fraction: data.sampling.check_sample_config (checks.py calls it)

@@ -131,6 +131,9 @@ def export_run(run_dir: Path, to: str, out: Path | None = None, dtype: str = "fp
                           "choose another --out)")
     cfg, model, tokenizer = load_run(run_dir, overrides, dtype=torch.float32)
     routed = routed_method(model)
+    if routed and method_kind(model) == "moelora":
+        raise ExportError(f"cannot export {routed} without a task: it weights its experts by each sequence's task; "
+                          f"give the task the exported weights serve as method.default_task=<task id>")
     if routed:
         raise ExportError(f"cannot export {routed}: it routes each token through a learned router, so its "
                           "weight update depends on the input and has neither a LoRA (--to peft) nor a merged "

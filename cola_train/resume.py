@@ -143,7 +143,8 @@ _ABSENT = "(absent)"
 ADDED_KEYS = {"method.lr_scale_A": 1.0, "method.lr_scale_B": 1.0, "method.init_tilt": 1.0,
               "trainer.profile_steps": 0, "trainer.pad_to_multiple_of": 1,
               "data.path": None, "data.format": "auto", "data.skip_bad_rows": False, "data.too_long": "truncate",
-              "eval.harness.tasks": [], "eval.harness.batch_size": None, "eval.harness.lm_eval_tasks": False}
+              "eval.harness.tasks": [], "eval.harness.batch_size": None, "eval.harness.lm_eval_tasks": False,
+              "data.task_key": None, "data.task_pattern": None, "data.tasks": []}   # data/tasks.py (moelora)
 
 
 def differences(saved: dict, cfg) -> dict:

@@ -15,6 +15,7 @@ from . import adapters, attention, chain, checks, collate, config, distributed, 
 from .checks import validate
 from .energy import EnergyMeter, energy_summary
 from .data import load_domain_records, split_train_val, tokenize_records
+from .data import tasks
 from .data.sampling import describe_sample
 from .eval import harness
 from .models import load_model, load_tokenizer, resolve_dtype, target_modules, upcast_trainable
@@ -95,6 +96,8 @@ def build_data(cfg, tokenizer, records: list[dict] | None = None, phases: Phases
         records = load_domain_records(cfg.data) if records is None else records
         train, val = split_train_val(records, cfg.data, cfg.seed)
         log.info(describe_sample(cfg.data, len(records)))  # fraction or max_samples: which one decided
+        if tasks.describe(records, cfg.data):
+            log.info(tasks.describe(records, cfg.data))  # data.task_key: records per task id
         encode = lambda recs: tokenize_records(recs, tokenizer, cfg.data.template, cfg.data.cutoff_len,
                                                cfg.data.too_long, cfg.data.skip_bad_rows)
         return encode(train), (encode(val) if val else None)
@@ -157,6 +160,7 @@ def run(cfg, out: Path) -> dict:
         checks.before_model(cfg)  # data, benchmark files, DeepSpeed, ranks vs widths: one line each
         harness.check_tasks(harness.task_list(cfg.eval), cfg.eval.harness.lm_eval_tasks)  # lm-eval task names (eval/harness.py)
     records = load_domain_records(cfg.data)  # read (bad rows, bad bytes) before the model is built
+    tasks.check_ids(records, cfg)  # method=moelora: every task id of the data < method.num_tasks
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     phases = Phases()
@@ -173,7 +177,7 @@ def run(cfg, out: Path) -> dict:
     with phases("trainer set-up"):
         trainer = ColaTrainer(
             model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-            data_collator=collate.collator(tokenizer, cfg.trainer.pad_to_multiple_of, cfg.data.packing),
+            data_collator=tasks.collator(collate.collator(tokenizer, cfg.trainer.pad_to_multiple_of, cfg.data.packing), cfg.method),
             # totals before the marker: a checkpoint marked complete holds the run's totals so far
             callbacks=[ResampleCallback(cfg.seed), MetricsFileCallback(out / "metrics.jsonl"),
                        StopOnNonFiniteLoss(), *no_gradient, totals, timer, *filter(None, [step_profiler]),

@@ -19,9 +19,13 @@ GROUPS = ["model", "method", "data", "trainer", "deepspeed", "logger", "eval"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
+# options that need a setting of another group to validate (method=moelora: a task id per record)
+NEEDS = {("method", "moelora"): ["data.task_key=source"]}
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option):
-    cfg = compose([f"{group}={option}"])
+    cfg = compose([f"{group}={option}", *NEEDS.get((group, option), [])])
     validate(cfg)
     assert OmegaConf.select(cfg, group) is not None
 
@@ -71,7 +75,7 @@ METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 FOREIGN = {"lora": "num_B", "dora": "num_A", "pissa": "strategy", "fft": "r", "cola_fully": "balance_coef",
            "cola_random": "use_dora", "cola_heuristic": "expert_paths", "hydralora": "pairing",
            "mole": "use_dora", "chain_of_lora": "num_B", "lora_moe": "pairing", "mola": "expert_paths",
-           "pissa_collapsed": "num_B"}
+           "pissa_collapsed": "num_B", "moelora": "expert_paths"}
 
 
 def test_every_method_option_names_the_schema_of_its_kind():
@@ -113,14 +117,15 @@ def test_a_wrong_choice_fails_at_compose_naming_the_key_and_the_choices(method, 
 
 def test_the_choices_are_those_the_docs_and_papers_name():
     """An independent list (README, docs/INIT.md, the papers): the enums say the same."""
-    assert C.choices(C.Kind) == ("none", "peft", "cola", "hydralora", "mole", "mole_block", "mola", "chain")
+    assert C.choices(C.Kind) == ("none", "peft", "cola", "hydralora", "mole", "mole_block", "mola", "moelora",
+                                    "chain")
     assert C.choices(C.Strategy) == ("fully", "random", "heuristic")
     assert C.choices(C.Init) == ("lora", "pissa", "pissa_split") and C.choices(C.Svd) == ("lowrank", "exact")
     assert C.choices(C.Pairing) == ("paper", "code") and C.choices(C.Merge) == ("factors", "weights")
     assert C.choices(C.LinkWarmup) == ("scaled", "full") and C.choices(C.Precision) == ("auto", "bf16", "fp16", "fp32")
     from cola_train.adapters import spec
 
-    assert spec.KINDS == ("none", "peft", "cola", "hydralora", "mole", "mole_block", "mola") and spec.STRATEGIES == C.choices(C.Strategy)
+    assert spec.KINDS == ("none", "peft", "cola", "hydralora", "mole", "mole_block", "mola", "moelora") and spec.STRATEGIES == C.choices(C.Strategy)
 
 
 def test_choices_read_as_text():

@@ -44,6 +44,7 @@ def test_cola_paper_defaults_to_the_readme_command():
     ("cola_paper_multitask_hydralora", "hydralora", 1, 14, 8),
     ("cola_paper_multitask_cola", "cola_fully", 1, 14, 8),
     ("cola_paper_multitask_cola_t", "cola_fully", 4, 10, 8),
+    ("cola_paper_multitask_moelora", "moelora", 8, 8, 8),   # 8 experts sharing r = 8 (tests/test_moelora.py)
 ])
 def test_multitask_presets(preset, method, num_A, num_B, r):
     cfg = compose([f"experiment={preset}"])

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import committed, fp32_path, gated_mlp, registry, shared_qkv  # noqa: F401  (public modules)
+from . import committed, fp32_path, gated_mlp, registry, shared_qkv, task_input  # noqa: F401  (public modules)
 from .combiners import AuxCollector, Combiner, RoutedCombiner, StaticCombiner
 from .io import (adapter_info, backend, export_peft, load_adapter, our_layers, require_info, save_adapter,
                  set_info, unwrap)

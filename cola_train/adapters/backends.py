@@ -22,7 +22,7 @@ from torch import nn
 from ..progress import bar
 from . import committed, gated_mlp, peft_methods, shared_qkv
 from . import init as inits
-from .combiners import AuxCollector
+from .combiners import AuxCollector, Combiner
 from .lowrank import COMMITTED_A, COMMITTED_B, OPTIONAL_STATE, LowRankLinear
 from .options import DEFAULT as DEFAULT_KERNELS, Kernels
 from .spec import AdapterError, match_targets
@@ -228,7 +228,11 @@ class OursBackend(Backend):
 
     @property
     def mergeable(self) -> bool:
-        return not self.method.combiner.routed and self.method.combiner.mergeable
+        return self.refusal() is None
+
+    def refusal(self) -> Optional[str]:
+        """Why this method's update cannot be merged or exported (Combiner.merge_refusal), or None."""
+        return self.method.combiner.from_config(self.cfg).merge_refusal()
 
     def attach(self, model, targets, seed, loading, log, kernels=DEFAULT_KERNELS):
         cfg, combiner_type = self.cfg, self.method.combiner
@@ -262,8 +266,7 @@ class OursBackend(Backend):
 
     def _mergeable_layers(self, model):
         if not self.mergeable:
-            raise AdapterError(f"{self.label} routes each token: its update depends on the input and "
-                               f"cannot be merged")
+            raise AdapterError(f"{self.label} {self.refusal()}")
         return our_layers(model)
 
     def merge(self, model) -> None:
@@ -282,6 +285,7 @@ class OursBackend(Backend):
             setattr(model.get_submodule(parent_name), child, layer.base_layer)
         gated_mlp.uninstall(model)
         shared_qkv.uninstall(model)
+        self.method.combiner.uninstall(model)   # MOELoRA: the task-id hook
         return model
 
     def commit(self, model) -> None:
@@ -323,6 +327,8 @@ class OursBackend(Backend):
 
     def export_factors(self, model):
         if not self.mergeable:
+            if self.method.combiner.routed and self.method.combiner.merge_refusal is not Combiner.merge_refusal:
+                raise AdapterError(f"{self.label} {self.refusal()}")   # MOELoRA: its own reason
             raise AdapterError(f"{self.label} has an input-dependent router and cannot be written as a LoRA adapter")
         factors = {f"base_model.model.{name}": layer.export_factors() for name, layer in our_layers(model).items()}
         return factors, getattr(getattr(model, "config", None), "_name_or_path", None) or None

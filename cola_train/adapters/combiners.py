@@ -22,6 +22,7 @@ class plus one registry line (registry.py).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from . import init as inits
-from . import pairing
+from . import moe_ops, pairing
 from .spec import AdapterError
 
 
@@ -87,6 +88,22 @@ class Combiner:
 
     def resized(self, layer) -> None:
         """lora_A / lora_B were made anew at another rank (reinit): adjust rank-sized state."""
+
+    def layer_rank(self, r: int, alpha: float) -> tuple:
+        """(rank of each pair, alpha) the layer is built with from method.r / method.alpha; the
+        layer's scaling is alpha / rank. MOELoRA splits r among its experts (TaskGate)."""
+        return r, alpha
+
+    def merge_refusal(self) -> Optional[str]:
+        """Why this layer's update has no fixed matrix to merge or export (the message's tail,
+        after the method's name), or None when it has one."""
+        if self.routed or not self.mergeable:
+            return "routes each token: its update depends on the input and cannot be merged"
+        return None
+
+    @classmethod
+    def uninstall(cls, model) -> None:
+        """merged_model: undo `install`'s changes above the layers."""
 
     def total_weight(self) -> float:
         """The sum of the pair weights the initial update sees: a PiSSA-style init gives every A_i
@@ -553,6 +570,130 @@ class TopKRouter(RoutedCombiner):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_A}, top_k={self.top_k}"
+
+
+class TaskGate(RoutedCombiner):
+    """MOELoRA (Liu et al. 2023, "When MOE Meets LLMs"; code: peft/tuners/mmoelora.py, a copy in
+    the HydraLoRA repo): E experts (A_i, B_i) that split the rank r (r / E each), mixed per
+    sequence by its task's gate,
+        y = Wx + (alpha / r) sum_i omega_{t,i} B_i A_i drop(x),   omega_t = softmax(W_T E[t]),
+    with a task-embedding table E (num_tasks x task_embedding_dim) and a bias-free gate W_T in
+    every adapted linear (`task_embedding`, `task_gate`). Initialised as the authors' code:
+    A ~ N(0, 0.01^2), B = 0, E ~ N(0, 1) and W_T as nn.Linear (their Embedding and Linear
+    defaults). No balance loss. The scaling is alpha / r with the TOTAL r: the layer is built with
+    rank r / E and alpha / E (`layer_rank`), which gives the same alpha / r.
+
+    The task ids come from the batch through the model's TaskInput (task_input.py, made by
+    `install`); a forward without them (the benchmark, generation) uses method.default_task, or
+    the mean of the task gates when that is null. The update is fixed once the task is: merge
+    and export use method.default_task and are refused without it. Oracle: tests/reference_moe.py,
+    moelora_linear / moelora_merged_weight; the fused update is moe_ops.moelora_delta's."""
+    router_name = "task_gate"
+    softmax_routing = False   # the fused routed kernel routes by the tokens; this gate by the task
+    structural = ("num_tasks", "task_embedding_dim")
+
+    def __init__(self, num_A: int, num_B: int, num_tasks: int = 1, task_dim: int = 64,
+                 default_task: Optional[int] = None):
+        super().__init__(num_A, num_A)
+        self.num_tasks, self.task_dim, self.default_task = int(num_tasks), int(task_dim), default_task
+        self.tasks = None   # the model's task_input.TaskInput (install); None: always the default
+
+    @classmethod
+    def from_config(cls, cfg) -> "TaskGate":
+        return cls(cfg.num_A, cfg.num_A, cfg.num_tasks, cfg.task_embedding_dim, cfg.default_task)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.num_A < 2 or cfg.num_B != cfg.num_A:
+            raise AdapterError(f"moelora gates between num_A >= 2 experts (A_i, B_i), num_B = num_A: got "
+                               f"num_A={cfg.num_A}, num_B={cfg.num_B}")
+        if cfg.r % cfg.num_A:
+            raise AdapterError(f"moelora splits the rank among its experts: r={cfg.r} must be a multiple of "
+                               f"num_A={cfg.num_A}")
+        if cfg.num_tasks < 1 or cfg.task_embedding_dim < 1:
+            raise AdapterError(f"moelora needs num_tasks >= 1 and task_embedding_dim >= 1, got "
+                               f"{cfg.num_tasks} and {cfg.task_embedding_dim}")
+        if cfg.default_task is not None and not 0 <= cfg.default_task < cfg.num_tasks:
+            raise AdapterError(f"method.default_task={cfg.default_task} must be null (the mean of the task gates) "
+                               f"or a task id in 0..{cfg.num_tasks - 1}")
+        if cfg.init != "lora":
+            raise AdapterError(f"moelora initialises as the authors' code (A ~ N(0, 0.01^2), B = 0): method.init "
+                               f"must be 'lora', got {cfg.init!r}")
+
+    @classmethod
+    def describe(cls, cfg) -> str:
+        return (f"moelora ({cfg.num_A} experts of rank {cfg.r // max(cfg.num_A, 1)}, r={cfg.r}, "
+                f"num_tasks={cfg.num_tasks})")
+
+    def layer_rank(self, r: int, alpha: float) -> tuple:
+        return r // self.num_A, alpha / self.num_A
+
+    def build(self, layer, fac: dict) -> None:
+        layer.task_embedding = nn.Embedding(self.num_tasks, self.task_dim, **fac)
+        layer.task_gate = nn.Linear(self.task_dim, self.num_B, bias=False, **fac)
+
+    @torch.no_grad()
+    def reset(self, layer) -> None:
+        layer.lora_A.data.normal_(0.0, 0.01)
+        nn.init.normal_(layer.task_embedding.weight)                      # nn.Embedding's default
+        nn.init.kaiming_uniform_(layer.task_gate.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    @classmethod
+    def install(cls, model, layers: dict, cfg, loading: bool) -> None:
+        from .task_input import install
+
+        tasks = install(model, cfg.num_tasks, cfg.default_task)
+        for layer in layers.values():
+            layer.combiner.tasks = tasks
+
+    @classmethod
+    def uninstall(cls, model) -> None:
+        from .task_input import uninstall
+
+        uninstall(model)
+
+    def gate(self, layer, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """omega, (batch, E) in float32 at least: the ids' gates (given, or the current forward's),
+        else the default task's, else the mean over the tasks (1, E)."""
+        device = layer.task_embedding.weight.device
+        if task_ids is None and self.tasks is not None:
+            task_ids = self.tasks.current
+        mean = task_ids is None and self.default_task is None
+        if task_ids is None:
+            task_ids = torch.arange(self.num_tasks) if mean else torch.tensor([self.default_task])
+        # softmax(W_T E[t]) as moe_ops.moelora_gate, through the module calls: DeepSpeed ZeRO-3
+        # gathers a partitioned weight when its module is called, not when it is read
+        logits = layer.task_gate(layer.task_embedding(task_ids.reshape(-1).to(device)))
+        omega = moe_ops.softmax_fp32(logits)
+        return omega.mean(0, keepdim=True) if mean else omega
+
+    def route(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """Each row's expert weights (..., E): its sequence's omega. x is (batch, tokens, d) or its
+        rows (batch * tokens, d), sequence-major, so the rows of sequence b are b*T .. (b+1)*T - 1."""
+        omega = self.gate(layer)
+        lead = x.shape[:-1]
+        n, b = math.prod(lead), omega.shape[0]
+        if b != 1 and n % b:
+            raise AdapterError(f"moelora got {b} task ids for an input of {n} positions ({tuple(x.shape)}): "
+                               f"one id per sequence of the batch is needed")
+        rows = omega.expand(n, -1) if b == 1 else omega.repeat_interleave(n // b, 0)
+        return rows.reshape(*lead, omega.shape[-1])
+
+    def merge_refusal(self) -> Optional[str]:
+        if self.default_task is None:
+            return ("weights its experts by each sequence's task: merge and export need method.default_task="
+                    "<task id>, the task the merged weights serve")
+        return None
+
+    def factors(self, layer, A: torch.Tensor, B: torch.Tensor, train_rule: bool = False):
+        """(A_eff, B_eff) of method.default_task: [A_1; ..; A_E], [w_1 B_1 .. w_E B_E] * s (the code's merge(task_id))."""
+        w = self.gate(layer, torch.tensor([self.default_task], device=A.device))[0].to(B.dtype)
+        return A.reshape(-1, layer.in_features), (B * w[None, :, None]).reshape(layer.out_features, -1) * layer.scaling
+
+    def extra_repr(self) -> str:
+        default = "mean of the task gates" if self.default_task is None else f"task {self.default_task}"
+        return (f"experts={self.num_A} (rank r/{self.num_A} each), num_tasks={self.num_tasks}, "
+                f"task_dim={self.task_dim}, without task ids: {default}")
 
 
 def expert_counts(n_layers: int, groups: List[int]) -> List[int]:

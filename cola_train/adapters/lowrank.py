@@ -83,7 +83,8 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_config(cls, base_layer: nn.Linear, cfg, combiner: Combiner,
                     kernels: Kernels = DEFAULT_KERNELS) -> "LowRankLinear":
-        return cls(base_layer, combiner, cfg.r, cfg.alpha, cfg.dropout, cfg.impl, kernels)
+        r, alpha = combiner.layer_rank(cfg.r, cfg.alpha)   # MOELoRA: r / E per expert, the same alpha / r
+        return cls(base_layer, combiner, r, alpha, cfg.dropout, cfg.impl, kernels)
 
     # -- what HF / user code may reach for on a target module ---------------------------------
     @property
@@ -92,7 +93,7 @@ class LowRankLinear(nn.Module):
 
     @property
     def mergeable(self) -> bool:
-        return not self.combiner.routed and self.combiner.mergeable
+        return self.combiner.merge_refusal() is None
 
     @property
     def num_A(self) -> int:
@@ -137,9 +138,9 @@ class LowRankLinear(nn.Module):
     def factors(self, dtype: Optional[torch.dtype] = None, train_rule: bool = False):
         """(A_eff, B_eff) with the update == B_eff @ A_eff (scaling folded into B_eff): static
         combiners only (eval rule unless train_rule: CoLA random's expectation)."""
-        if self.combiner.routed:
-            raise NotImplementedError(f"{type(self.combiner).__name__} routes each token: its update depends "
-                                      f"on the input and cannot be merged")
+        refusal = self.combiner.merge_refusal() if self.combiner.routed else None
+        if refusal:
+            raise NotImplementedError(f"{type(self.combiner).__name__} {refusal}")
         A, B = self.lora_A, self.lora_B
         if dtype is not None:
             A, B = A.to(dtype), B.to(dtype)
@@ -154,6 +155,9 @@ class LowRankLinear(nn.Module):
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token router weights (routed combiners): a softmax in at least float32, so the rows
         sum to one however the activations are stored."""
+        route = getattr(self.combiner, "route", None)   # a gate that does not read x (MOELoRA's task gate)
+        if route is not None:
+            return route(self, x)
         router = self.combiner.router(self)
         x = self._cast_input(x, router.weight.dtype)
         return self.combiner.probs(router(x))

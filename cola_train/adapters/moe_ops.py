@@ -20,10 +20,14 @@ def _blockwise(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: torch
     return F.linear(h, B) * scaling
 
 
+def softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """A softmax over the last dim in float32 at least, so the weights sum to one in any dtype."""
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
 def moelora_gate(task_ids: torch.Tensor, task_embedding: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
     """omega = softmax(W_T E[t]) per sequence, (batch, E), in float32 at least."""
-    logits = F.embedding(task_ids, task_embedding) @ gate_weight.T
-    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return softmax_fp32(F.embedding(task_ids, task_embedding) @ gate_weight.T)
 
 
 def moelora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, omega: torch.Tensor):

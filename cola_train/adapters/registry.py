@@ -60,6 +60,7 @@ register("hydralora", OursBackend, combiners.HeadRouter)
 register("mole", OursBackend, combiners.ExpertGate)
 register("mole_block", OursBackend, combiners.ExpertSwitch)   # MoLE as published (method=mole)
 register("mola", OursBackend, combiners.TopKRouter)      # MoLA: top-k routing, experts per layer group
+register("moelora", OursBackend, combiners.TaskGate)     # MOELoRA: a task-id gate over split-rank experts
 
 
 def kinds() -> tuple:

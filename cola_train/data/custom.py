@@ -241,8 +241,11 @@ def load_records(data_cfg) -> list[dict]:
     """Every good record of every file; the first bad one stops the run (DataError naming
     file:line), or with data.skip_bad_rows=true each bad one is skipped and they are counted."""
     check_config(data_cfg)
+    from . import tasks
+
     records, bad = [], []
-    for path in files(data_cfg):
+    field, by_source = tasks.field_of(data_cfg), getattr(data_cfg, "task_key", None) == tasks.SOURCE
+    for index, path in enumerate(files(data_cfg)):
         fmt = None if data_cfg.format == "auto" else data_cfg.format
         for line, row in _rows(path):
             try:
@@ -255,7 +258,12 @@ def load_records(data_cfg) -> list[dict]:
                                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__}; "
                                         f"set data.format to one of {', '.join(FORMATS[1:])}")
                     log.info("data: %s read as %s (data.format=auto)", path, fmt)
-                records.append({**normalise(row, fmt), "where": f"{path}:{line}"})
+                rec = {**normalise(row, fmt), "where": f"{path}:{line}"}
+                if field is not None:   # data.task_key: the raw label (data/tasks.py makes it an id)
+                    rec["task"], rec["task_where"] = tasks.label(row, data_cfg, f"{path}:{line}"), f"{path}:{line}"
+                elif by_source:         # the file's place among data.path's files is the task
+                    rec["task_id"] = index
+                records.append(rec)
             except BadRecord as err:
                 where = f"{path}:{line}: {err}"
                 if not data_cfg.skip_bad_rows:

@@ -54,7 +54,7 @@ def _read_json(path: Path) -> list:
     return rows
 
 
-def _normalise(rows, source: DataSource, where: str) -> list[dict]:
+def _normalise(rows, source: DataSource, where: str, task_field: str | None = None) -> list[dict]:
     columns = {f: source.columns.get(f, f) for f in FIELDS}
     records = []
     for i, row in enumerate(rows):
@@ -72,6 +72,10 @@ def _normalise(rows, source: DataSource, where: str) -> list[dict]:
         if not rec["output"].strip() or not (rec["instruction"].strip() or rec["input"].strip()):
             raise DataError(f"{where} row {i}: needs a non-empty {columns['output']!r} and "
                             f"{columns['instruction']!r} or {columns['input']!r}")
+        if task_field is not None:  # data.task_key: the raw label, made an id by data/tasks.py
+            rec["task"], rec["task_where"] = row.get(task_field), f"{where} row {i}"
+            if rec["task"] is None:
+                raise DataError(f"{where} row {i}: no {task_field!r} field for data.task_key={task_field}")
         records.append(rec)
     return records
 
@@ -130,15 +134,15 @@ def _from_hub(source: DataSource) -> list | None:
         return None
 
 
-def load_source(source: DataSource, root: Path | None) -> list[dict] | None:
+def load_source(source: DataSource, root: Path | None, task_field: str | None = None) -> list[dict] | None:
     """Records of one source, or None when it is nowhere to be found."""
     path = local_file(source, root)
     if path is not None:
-        return _normalise(_read_json(path), source, str(path))
+        return _normalise(_read_json(path), source, str(path), task_field)
     if source.hub_id and not hub_offline():
         rows = _from_hub(source)
         if rows is not None:
-            return _normalise(rows, source, source.hub_id)
+            return _normalise(rows, source, source.hub_id, task_field)
     return None
 
 
@@ -153,11 +157,15 @@ def load_domain_records(cfg: DataConfig) -> list[dict]:
         raise DataError(f"data.domain={cfg.domain!r} lists no sources")
     root = data_root(cfg)
     records, missing = [], []
-    for source in cfg.sources:
-        got = load_source(source, root)
+    key = getattr(cfg, "task_key", None)
+    for index, source in enumerate(cfg.sources):
+        got = load_source(source, root, None if key in (None, "source") else key)
         if got is None:
             missing.append(missing_message(source, root))
         else:
+            if key == "source":  # a mixture: the source's place in data.sources is the task (data/tasks.py)
+                for rec in got:
+                    rec["task_id"] = index
             records.extend(got)
     if missing and (not cfg.skip_missing or not records):
         hint = "" if cfg.skip_missing else " (data.skip_missing=true trains on the sources present)"

@@ -179,6 +179,8 @@ def tokenize_records(records: list[dict], tokenizer, template: str, cutoff_len: 
         n_long += long and (row is not None or too_long == "drop")  # truncated and kept, or dropped
         n_empty += row is None and not (long and too_long == "drop")
         if row is not None:
+            if "task_id" in rec:  # data.task_key (data/tasks.py): one id per sequence
+                row["task_ids"] = rec["task_id"]
             rows.append(row)
     if n_long:
         log.warning("data: %d of %d records are longer than data.cutoff_len=%d tokens: %s", n_long,
