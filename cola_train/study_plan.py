@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,23 +135,6 @@ def data_missing(domain: str, root: Path | None) -> str | None:
 
 def run_dir(root: Path, domain: str, arm: str, size: int, lr: str, seed: int) -> Path:
     return Path(root) / domain / arm / f"n{size}" / f"lr{lr_text(lr)}" / f"s{seed}"
-
-
-_DIR = re.compile(r"^n(\d+)$|^lr(.+)$|^s(-?\d+)$")
-
-
-def parse_run_dir(root: Path, path: Path) -> dict | None:
-    """(domain, arm, size, lr, seed) of a run dir under root, or None for another folder."""
-    parts = Path(path).relative_to(root).parts
-    if len(parts) != 5:
-        return None
-    domain, arm, n, lr, s = parts
-    if not (n.startswith("n") and n[1:].isdigit() and lr.startswith("lr") and s.startswith("s")):
-        return None
-    try:
-        return {"domain": domain, "arm": arm, "size": int(n[1:]), "lr": lr_text(lr[2:]), "seed": int(s[1:])}
-    except ValueError:
-        return None
 
 
 def read_status(path: Path) -> tuple[str, dict | None]:
@@ -310,8 +292,10 @@ def plan(study: Study, stages=STAGES) -> list[Job]:
                 arm = grid_arm(study.grid_method, a, b)
                 for seed in study.seeds:
                     if pick["lr"] is None:
+                        absent = "" if study.grid_method in study.arms else \
+                            f" ({study.grid_method} is not among the arms: add it, its sweep picks the lr)"
                         jobs.append(Job("grid", domain, arm.name, size, None, seed, status="blocked",
-                                        why=f"needs {study.grid_method}'s lr at {domain} n={size}: {pick['why']}"))
+                                        why=f"needs {study.grid_method}'s lr at {domain} n={size}: {pick['why']}{absent}"))
                     else:
                         jobs.append(_job(study, "grid", arm, domain, size, pick["lr"], seed, None))
     return jobs

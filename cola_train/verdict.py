@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .report import counts_whole_run
-from .study_plan import (ARMS, MULTITASK, MULTITASK_ARMS, SINGLE_DOMAINS, Study, data_missing, eval_loss,
+from .study_plan import (ARMS, MULTITASK, MULTITASK_ARMS, Study, data_missing, eval_loss,
                          lr_text, method_missing, pick_lr, read_status)
 
 ALPHA = 0.05
@@ -402,11 +402,11 @@ def plot(study: Study, built: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    domains = sorted({d for d, _, _ in built["cells"]})
     for m, title, _ in METRICS:
         have = [c for c in built["cells"].values() if c.values[m]]
         if not have:
             continue
+        domains = sorted({c.domain for c in have})      # a domain with no run of this metric: no panel
         fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.8), squeeze=False)
         for ax, domain in zip(axes[0], domains):
             arms = [a for a in dict.fromkeys(a for d, a, _ in built["cells"] if d == domain)]
@@ -417,6 +417,9 @@ def plot(study: Study, built: dict, out: Path) -> list[Path]:
                 es = [statistics.stdev(c.values[m]) if c and len(c.values[m]) > 1 else 0.0 for c in cs]
                 ax.bar([i + (k - (len(study.sizes) - 1) / 2) * width for i in range(len(arms))], ys, width,
                        yerr=es, capsize=2, label=f"{size} samples")
+            low = min((statistics.fmean(c.values[m]) for c in have if c.domain == domain), default=0.0)
+            if m != "energy_j" and low > 0:   # differences of a few % would not show on bars from 0
+                ax.set_ylim(bottom=0.9 * low)
             ax.set_xticks(range(len(arms)))
             ax.set_xticklabels(arms, rotation=60, ha="right", fontsize="small")
             ax.set_title(domain)
