@@ -358,6 +358,18 @@ def measure_cost(dirs: list[Path], parallel: int) -> dict:
             "source": f"{n} completed run(s) under {', '.join(map(str, dirs))}"}
 
 
+def cost_from_points(points: dict[int, float], parallel: int) -> dict:
+    """The cost model through measured (samples -> wall seconds a run) points: the line through
+    them (least squares for more than two); one point is a cost that does not grow with size."""
+    sizes = sorted(points)
+    if len(sizes) == 1:
+        return {"fixed_s": points[sizes[0]], "per_sample_s": 0.0, "parallel": parallel, "source": "--run-seconds"}
+    mx = sum(sizes) / len(sizes)
+    my = sum(points[n] for n in sizes) / len(sizes)
+    slope = sum((n - mx) * (points[n] - my) for n in sizes) / sum((n - mx) ** 2 for n in sizes)
+    return {"fixed_s": my - slope * mx, "per_sample_s": slope, "parallel": parallel, "source": "--run-seconds"}
+
+
 def run_seconds(cost: dict, size: int) -> float:
     return cost["fixed_s"] + cost["per_sample_s"] * size
 

@@ -106,6 +106,9 @@ def parse(argv):
     ap.add_argument("--plan", action="store_true", help="print the runs per stage and their GPU time; run nothing")
     ap.add_argument("--cost-from", type=Path, nargs="+", default=None,
                     help="run dirs whose completed results.json time a run (e.g. a pilot's --sweep-dir)")
+    ap.add_argument("--run-seconds", default=None,
+                    help="wall seconds of one run per size with --cost-parallel runs sharing the GPU, e.g. "
+                         "100=64,1000=240 (the cost model's line through them)")
     ap.add_argument("--cost-parallel", type=int, default=None,
                     help="how many runs shared the GPU in --cost-from (default: --parallel)")
     ap.add_argument("--verdict", action="store_true", help="only write the verdict from the run dirs")
@@ -203,6 +206,12 @@ def main(argv=None) -> int:
                 cost = sp.measure_cost(args.cost_from, args.cost_parallel or args.parallel)
             except ValueError as err:
                 ap.exit(2, f"error: --cost-from: {err}\n")
+        elif args.run_seconds:
+            try:
+                points = {int(n): float(sec) for n, sec in (p.split("=") for p in _csv(args.run_seconds))}
+            except ValueError:
+                ap.exit(2, f"error: --run-seconds {args.run_seconds!r}: write SIZE=SECONDS pairs, e.g. 100=64,1000=240\n")
+            cost = sp.cost_from_points(points, args.cost_parallel or args.parallel)
         else:
             cost = sp.DEFAULT_COST
         print(sp.plan_text(sp.plan(study, stages), cost))

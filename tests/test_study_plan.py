@@ -138,6 +138,16 @@ def test_plan_prints_runs_and_gpu_time_from_measured_runs(tmp_path, capsys):
     assert [line.split()[:2] for line in out.splitlines()[1:4]] == [["sweep", "3"], ["final", "1"], ["grid", "2"]]
 
 
+def test_run_seconds_give_the_line_through_the_points():
+    cost = sp.cost_from_points({100: 64.0, 1000: 240.0}, parallel=9)
+    assert sp.run_seconds(cost, 100) == pytest.approx(64.0) and sp.run_seconds(cost, 1000) == pytest.approx(240.0)
+    assert sp.run_seconds(cost, 550) == pytest.approx(152.0)
+    assert sp.run_seconds(sp.cost_from_points({100: 50.0}, parallel=1), 1000) == 50.0
+    # the default is the same line, from docs/RESULTS.md's timings
+    assert sp.run_seconds(sp.DEFAULT_COST, 100) == pytest.approx(64.0, abs=0.1)
+    assert sp.run_seconds(sp.DEFAULT_COST, 1000) == pytest.approx(240.0, abs=0.1)
+
+
 def test_missing_data_and_unknown_methods_are_skipped_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setitem(sp.ARMS, "nosuch", sp.Arm("nosuch", ("method=nosuch",)))
     study = _study(tmp_path, domains=["math", "multitask"], arms=["lora", "nosuch"])
@@ -217,3 +227,7 @@ def test_bad_study_arguments_stop_in_one_line(tmp_path, capsys):
         _script().main(["--sweep-dir", str(tmp_path), "--plan", "--cost-from", str(empty)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: --cost-from: no completed run with timings under {empty}\n"
+    with pytest.raises(SystemExit) as exit_:
+        _script().main(["--sweep-dir", str(tmp_path), "--plan", "--run-seconds", "100:64"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: --run-seconds '100:64': write SIZE=SECONDS pairs, e.g. 100=64,1000=240\n"
