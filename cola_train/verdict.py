@@ -215,7 +215,12 @@ def build(study: Study) -> dict:
         rows += _pairs_rows(study, "strategies", d, [("cola_fully", "cola_heuristic"), ("cola_heuristic", "cola_random"),
                                                      ("cola_fully", "cola_random")], acc + ["energy_j"], cells, single_skip)
     for n in study.grid_sizes:
-        rows.append(_grid_row(study, grid_cells, n))
+        if grid_cells:
+            rows.append(_grid_row(study, grid_cells, n))
+        else:
+            rows.append(Row("grid", study.grid_domain, n, "eval_loss", "best #A<#B", "best #A>=#B",
+                            {"verdict": f"skipped: --grid-domain {study.grid_domain} is not among --domains",
+                             "a": stats([]), "b": stats([]), "diff": None, "p": None}))
     mt_pairs = [(c, b) for c in ("cola_1x14", "cola_t_4x10") for b in ("hydralora_1x14", "moelora")]
     if MULTITASK not in study.domains or mt_missing:
         why = mt_missing or "multitask not among --domains"

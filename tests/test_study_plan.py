@@ -161,6 +161,8 @@ def test_missing_data_and_unknown_methods_are_skipped_with_the_reason(tmp_path, 
     assert "experiment=cola_paper_multitask_cola_t" not in " ".join(o for j in jobs if j.domain == "multitask" for o in j.overrides)
     rows = [r for r in vd.build(study)["rows"] if r.claim == "multitask"]
     assert rows and all(r.result["verdict"].startswith("skipped: ") for r in rows)
+    (grid,) = [r for r in vd.build(_study(tmp_path, domains=["medicine"]))["rows"] if r.claim == "grid"]
+    assert grid.result["verdict"] == "skipped: --grid-domain math is not among --domains"
 
 
 def test_fft_runs_the_protocol_without_its_adapter_keys():
