@@ -228,6 +228,7 @@ def main(argv=None) -> int:
         timer.daemon = True
         timer.start()
     codes, tried = [], set()
+    pool = ThreadPoolExecutor(args.parallel)   # shut down after a Ctrl-C has stopped the runs, not before
     try:
         while not _STOPPING.is_set():
             jobs = sp.plan(study, stages)
@@ -240,21 +241,19 @@ def main(argv=None) -> int:
                 break
             tried.update(j.dir for j in todo)
             todo.sort(key=lambda j: -j.size)   # the long runs first: the short ones fill in behind them
-            with ThreadPoolExecutor(args.parallel) as pool:
-                codes += list(pool.map(lambda j: launch(j, args.extra, env, start, args.deadline), todo))
+            codes += list(pool.map(lambda j: launch(j, args.extra, env, start, args.deadline), todo))
     except KeyboardInterrupt:  # the runs are in their own sessions: Ctrl-C reaches only this script
         stop_running(args.grace)
         raise
     finally:
+        pool.shutdown(wait=True)
         if timer:
             timer.cancel()
         if on_main:
             signal.signal(signal.SIGTERM, previous)
-    from cola_train.verdict import write
+    from cola_train.verdict import gpu_name, write
 
     try:
-        from cola_train.verdict import gpu_name
-
         print(write(study, args.out or study.root / "verdict", device=args.device or gpu_name(),
                     command=" ".join(["scripts/study.py", *(sys.argv[1:] if argv is None else argv)]))["markdown"],
               flush=True)
