@@ -18,7 +18,8 @@ from cola_train.adapters import (AdapterError, attach_adapter, export_peft, load
                                  merged_model, save_adapter)
 from cola_train.adapters.combiners import TaskGate
 from cola_train.adapters.lowrank import LowRankLinear
-from cola_train.adapters.task_input import TaskInput, set_default_task
+from cola_train.adapters import set_default_task
+from cola_train.adapters.task_input import TaskInput
 from cola_train.config import ConfigError, MethodConfig
 
 F64 = torch.float64

@@ -60,31 +60,3 @@ def uninstall(model: nn.Module) -> None:
     if isinstance(found, TaskInput):
         found.hook.remove()
         delattr(model, ATTR)
-
-
-def set_default_task(model: nn.Module, task: Optional[int]) -> int:
-    """Make `task` (None: the mean of the task gates) the task of a forward without task ids, and
-    the one merge / export serve, in every MOELoRA layer of `model` (a run loaded for eval or
-    export with `method.default_task=<id>`: the saved adapter keeps the value it was trained
-    with). Returns how many layers changed; 0 for other methods."""
-    from .io import adapter_info, our_layers, unwrap
-
-    model = unwrap(model)
-    info = adapter_info(model)
-    layers = [m for m in our_layers(model).values() if hasattr(m.combiner, "default_task")]
-    if not layers:
-        return 0
-    num_tasks = layers[0].combiner.num_tasks
-    if task is not None and not 0 <= int(task) < num_tasks:
-        from .spec import AdapterError
-
-        raise AdapterError(f"method.default_task={task} must be null (the mean of the task gates) or a task id "
-                           f"in 0..{num_tasks - 1}")
-    for layer in layers:
-        layer.combiner.default_task = task
-    found = getattr(model, ATTR, None)
-    if isinstance(found, TaskInput):
-        found.default_task = task
-    if info is not None:
-        info["method"].default_task = task   # the backend's config too (merge / export ask it)
-    return len(layers)

@@ -53,7 +53,7 @@ def load_run(run_dir: Path, overrides=(), dtype=None, device: str | None = "auto
                               "(resume it with trainer.resume=true)")
         model = adapters.load_adapter(load_model(cfg.model, dtype), run_dir / "adapter")
         if "default_task" in cfg.method:  # method=moelora: the task a forward without ids (and a merge) serves
-            adapters.task_input.set_default_task(model, cfg.method.default_task)
+            adapters.set_default_task(model, cfg.method.default_task)
     if device == "auto" and torch.cuda.is_available():
         model = model.cuda()
     model.eval()
