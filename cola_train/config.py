@@ -638,13 +638,34 @@ def register_schemas() -> None:
 
 
 def typed(cfg) -> Config:
-    """The composed config as dataclasses (each method its own schema): OmegaConf.to_object on a
-    DictConfig, a Config as it is."""
+    """The composed config as dataclasses (each method its own schema): OmegaConf.to_object, at
+    the entry points only (`__main__`'s Hydra job, checks.check_values before Hydra, and
+    compose.typed_config for scripts and tests); a Config is returned as it is. Everything
+    below them takes the Config (`require_typed`)."""
     if isinstance(cfg, Config):
         return cfg
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(cfg)
+
+
+def require_typed(cfg, who: str) -> Config:
+    """`cfg` itself when it is the typed Config; a TypeError naming `who` for a DictConfig (a
+    caller that skipped the entry point's one conversion), so the code below never sees both."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"{who} takes the typed Config (config.typed(cfg) at the entry point), "
+                        f"got {type(cfg).__name__}")
+    return cfg
+
+
+def as_dict(cfg: Config) -> dict:
+    """The typed config as plain data (choices as their text): what results.json,
+    config.trained.yaml, resume's comparison and a logger get. The one way back from the
+    dataclasses; it equals OmegaConf.to_container(resolve=True) of the composed node
+    (tests/test_config.py checks it for every method)."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(require_typed(cfg, "as_dict")), default=str))
 
 
 SCORINGS = choices(Scoring)

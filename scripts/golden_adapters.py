@@ -34,7 +34,7 @@ METHODS = {
 
 
 def _cfg(name):
-    from cola_train.compose import compose
+    from cola_train.compose import typed_config as compose
 
     return compose(TINY + METHODS[name])
 

@@ -66,7 +66,7 @@ def curve(name: str) -> list:
     from transformers import set_seed
 
     from cola_train import adapters
-    from cola_train.compose import compose
+    from cola_train.compose import typed_config as compose
     from cola_train.run import build_model
 
     cfg = compose(TINY + METHODS[name])

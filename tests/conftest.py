@@ -29,7 +29,15 @@ def data_root() -> Path:
 
 
 def compose(overrides: list[str]):
-    """The config `python -m cola_train <overrides>` would run, composed in-process."""
+    """The typed Config `python -m cola_train <overrides>` would run, composed in-process (and
+    typed once, as __main__ does: what run / build_model / validate take)."""
+    from cola_train.compose import typed_config
+
+    return typed_config(overrides)
+
+
+def compose_node(overrides: list[str]):
+    """The composed DictConfig, as Hydra hands it to __main__ before it is typed."""
     from cola_train.compose import compose as compose_job
 
     return compose_job(overrides)
