@@ -73,7 +73,7 @@ def curve(name: str) -> list:
     set_seed(SEED)
     _, model, _ = build_model(cfg)
     model.train()
-    batch = _batch(int(cfg.model.arch.vocab_size))
+    batch = _batch(int(cfg.model.arch["vocab_size"]))
     chain = cfg.method.kind == "chain"
     links = int(cfg.method.links) if chain else 1
     switch_after = STEPS // links

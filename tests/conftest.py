@@ -28,6 +28,17 @@ def data_root() -> Path:
     return DATA_ROOT
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is no package): the code a test checks, run the
+    way a user runs it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def compose(overrides: list[str]):
     """The typed Config `python -m cola_train <overrides>` would run, composed in-process (and
     typed once, as __main__ does: what run / build_model / validate take)."""
