@@ -230,7 +230,7 @@ def run(cfg: config.Config, out: Path) -> dict:
         results["chain"] = schedule.summary()  # per link: steps, rank, loss at the switch, |dW|
     # the weights first: a benchmark that fails after hours of training loses no trained adapter
     with phases("adapter save"):
-        trainer.save_weights(out, rt, full_model=cfg.method.kind == "none")  # collective; rank 0 writes
+        trainer.save_weights(out, rt, full_model=not adapters.backend(model).has_adapter)  # collective; rank 0 writes
     results["benchmark"] = None
     if cfg.eval.enabled and bench_here:
         with phases("benchmark"):
