@@ -175,6 +175,9 @@ def materialize(name: str, directory: Path) -> Path:
     return out
 
 
+_LOAD_CFG: dict = {}
+
+
 def load(name: str, directory: Path | None = None) -> tuple:
     """(loss, last-position logits) of a fresh base with the saved adapter (in `directory`,
     default FIXTURES/<name>) loaded by this code."""
@@ -184,8 +187,10 @@ def load(name: str, directory: Path | None = None) -> tuple:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    if name not in _LOAD_CFG:   # composed once per method: a test loads a method many times
+        _LOAD_CFG[name] = _cfg(name)
     try:
-        return evaluate(adapters.load_adapter(_base(_cfg(name)), directory or FIXTURES / name))
+        return evaluate(adapters.load_adapter(_base(_LOAD_CFG[name]), directory or FIXTURES / name))
     finally:
         torch.set_num_threads(threads)
 
