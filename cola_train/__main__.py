@@ -113,16 +113,17 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig):
-        from .run import run
-
         from hydra.types import RunMode
 
         from . import launch
+        from .config import typed
+        from .run import run
 
         out = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
         sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
-        # here, as N local ranks (trainer.devices), or as one SLURM task's rank
-        return launch.guarded(lambda: launch.job(cfg, out, run, sweeping), out, sweeping)
+        # here, as N local ranks (trainer.devices), or as one SLURM task's rank; OmegaConf.to_object
+        # once, here: every module below gets the typed Config (config.py's dataclasses)
+        return launch.guarded(lambda: launch.job(typed(cfg), out, run, sweeping), out, sweeping)
 
     _main()
 

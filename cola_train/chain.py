@@ -63,8 +63,8 @@ import torch
 from transformers import TrainerCallback
 
 from . import adapters
-from .adapters import fp32_path, peft_methods
-from .adapters.io import our_layers, require_info, unwrap
+from .adapters import fp32_path
+from .adapters.io import unwrap
 from .checks import check_link_ends as _check_ends
 from .config import ConfigError, MethodConfig, base_name, link_ends, method_view
 from .models import upcast_trainable
@@ -142,22 +142,11 @@ def link_warmup_steps(args, total_steps: int, link_steps: int, mode: str) -> int
 # switch: end a link on a plain or a DeepSpeed-partitioned model (commit or merge, re-init)
 
 
-def _short(name: str) -> str:
-    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-
-
-def _layers(model) -> List[Tuple[str, torch.nn.Module, bool]]:
-    """(name, layer, is_peft) for every adapted layer, names as in the base model."""
-    if require_info(model)["method"].kind == "peft":
-        return [(_short(n), m, True) for n, m in peft_methods.lora_layers(model)]
-    return [(n, layer, False) for n, layer in our_layers(model).items()]
-
-
-@torch.no_grad()
-def _factors(layer, is_peft: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float32 CPU (A, B) with the layer's mergeable update == B @ A (scaling folded into B)."""
-    A, B = peft_methods.current_factors(layer) if is_peft else layer.factors(dtype=torch.float32)
-    return A.detach().to("cpu", torch.float32, copy=True), B.detach().to("cpu", torch.float32, copy=True)
+def _cpu_factors(model) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """float32 CPU copies of each layer's live (A, B), the mergeable update == B @ A (scaling
+    folded into B): the model's backend answers, whatever the chained method's kind."""
+    return {name: (A.detach().to("cpu", torch.float32, copy=True), B.detach().to("cpu", torch.float32, copy=True))
+            for name, (A, B) in adapters.layer_factors(model).items()}
 
 
 def frobenius(A: torch.Tensor, B: torch.Tensor) -> float:
@@ -182,28 +171,17 @@ def _trainable(model) -> Dict[str, torch.nn.Parameter]:
 def half_precision_base(model) -> Optional[torch.dtype]:
     """The adapted layers' base weight dtype when it is bf16/fp16, else None. A merge into such
     weights rounds: an update below a weight's rounding step (2^-8 of it in bf16) is lost."""
-    for _, layer, is_peft in _layers(unwrap(model)):
-        dtype = (layer.get_base_layer() if is_peft else layer.base_layer).weight.dtype
+    for base in adapters.base_layers(model).values():
+        dtype = base.weight.dtype
         return dtype if dtype in (torch.bfloat16, torch.float16) else None
     return None
-
-
-@torch.no_grad()
-def _merge(model, layers) -> None:
-    """W <- W + dW in every adapted layer (ZeRO-3: one base weight gathered at a time)."""
-    if not layers or not layers[0][2]:
-        adapters.merge_adapter(model)  # our layers gather their own base weight
-        return
-    for _, layer, _ in layers:  # PEFT's merge does not gather: do it per layer
-        with gathered([layer.get_base_layer().weight], modify=True):
-            layer.merge(adapter_names=[peft_methods.ADAPTER])
 
 
 def current_factors(model) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """The live link's per-layer factors (gathers under ZeRO-3, read-only)."""
     model = unwrap(model)
     with gathered(_trainable(model).values(), modify=False):
-        return {name: _factors(layer, is_peft) for name, layer, is_peft in _layers(model)}
+        return _cpu_factors(model)
 
 
 def switch(model, next_rank: int, seed: int, merge: str = "factors"):
@@ -216,10 +194,9 @@ def switch(model, next_rank: int, seed: int, merge: str = "factors"):
     fp32_masters = any(p.dtype == torch.float32 for p in trainable.values())
     with gathered(trainable.values(), modify=True):
         weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
-        layers = _layers(model)
-        factors = {name: _factors(layer, is_peft) for name, layer, is_peft in layers}
+        factors = _cpu_factors(model)
         if merge == "weights":
-            _merge(model, layers)
+            adapters.merge_adapter(model)  # each base weight gathered under ZeRO-3 (the backend's merge)
         else:
             adapters.commit_adapter(model)
         with seeded(seed):

@@ -50,10 +50,11 @@ def check_values(argv: list[str], more=()) -> None:
         return
     overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
     from .compose import compose
+    from .config import typed
 
     try:
         try:
-            cfg = compose(overrides)
+            cfg = typed(compose(overrides))  # the typed Config, as the Hydra job will get it
         except ConfigError:
             raise
         except Exception:  # noqa: BLE001 - Hydra's own error path says it
@@ -73,14 +74,14 @@ def validate(cfg) -> None:
     """Every rule on the values; raise ConfigError with one line. Also sets trainer.grad_accum
     from trainer.effective_batch (the one value derived here, batching.py), on `cfg` itself."""
     from .batching import apply_effective_batch
-    from .config import typed as typed_config
+    from .config import require_typed
     from .data.sampling import check_sample_config
 
+    require_typed(cfg, "checks.validate")
     apply_effective_batch(cfg)
-    typed = typed_config(cfg)
-    check_sample_config(typed.data)
-    typed.check()           # each group's own fields (config.py)
-    spanning(typed)
+    check_sample_config(cfg.data)
+    cfg.check()             # each group's own fields (config.py)
+    spanning(cfg)
 
 
 def spanning(cfg) -> None:

@@ -81,6 +81,14 @@ def one_line(err: BaseException) -> str | None:
     return None
 
 
+def typed_config(overrides: list[str]):
+    """The typed Config (config.py's dataclasses) `python -m cola_train <overrides>` would run:
+    what scripts and tests hand to run.run / run.build_model / checks.validate."""
+    from .config import typed
+
+    return typed(compose(overrides))
+
+
 def compose(overrides: list[str], return_hydra_config: bool = False):
     """The composed job config (no `hydra` node) for these task overrides; with
     `return_hydra_config`, also the `hydra` node (run and sweep dirs, unresolved `${now:}`), and

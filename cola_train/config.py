@@ -48,98 +48,28 @@ class Init(StrEnum):
     pissa_split = "pissa_split"   # our extension: CoLA's copies on distinct singular directions (split_init.py)
 
 
-class Svd(StrEnum):
-    lowrank = "lowrank"    # torch.svd_lowrank, seeded
-    exact = "exact"        # torch.linalg.svd
+def _choice(name: str, *values: str) -> type[StrEnum]:
+    """A StrEnum whose members are `values`, each named as its text: one line per choice list."""
+    return StrEnum(name, {value: value for value in values}, module=__name__, qualname=name)
 
 
-class Strategy(StrEnum):
-    fully = "fully"
-    random = "random"
-    heuristic = "heuristic"
-
-
-class Impl(StrEnum):
-    fused = "fused"
-    loop = "loop"          # the per-pair oracle
-
-
-class Pairing(StrEnum):
-    paper = "paper"        # the paper's formula
-    code = "code"          # the authors' released code
-
-
-class Merge(StrEnum):
-    factors = "factors"
-    weights = "weights"
-
-
-class LinkWarmup(StrEnum):
-    scaled = "scaled"
-    full = "full"
-
-
-class Precision(StrEnum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class Family(StrEnum):
-    llama = "llama"
-    opt = "opt"
-
-
-class Kernels(StrEnum):
-    auto = "auto"
-    liger = "liger"
-    none = "none"
-
-
-class AttnKernel(StrEnum):  # torch SDPA backends a CUDA run may use (attention.py)
-    auto = "auto"
-    flash = "flash"
-    efficient = "efficient"
-    cudnn = "cudnn"
-    math = "math"
-    torch = "torch"
-
-
-class Template(StrEnum):
-    chat = "chat"
-    plain = "plain"
-
-
-class LoggerName(StrEnum):
-    wandb = "wandb"
-    tensorboard = "tensorboard"
-    mlflow = "mlflow"
-    none = "none"
-
-
-class DataFormat(StrEnum):
-    auto = "auto"
-    alpaca = "alpaca"
-    sharegpt = "sharegpt"
-    messages = "messages"
-    text = "text"
-
-
-class TooLong(StrEnum):
-    truncate = "truncate"
-    drop = "drop"
-
-
-class LoggerMode(StrEnum):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-class Scoring(StrEnum):
-    letter = "letter"
-    cloze = "cloze"
+# PiSSA-style inits: lowrank (torch.svd_lowrank, seeded) | exact (torch.linalg.svd)
+Svd = _choice("Svd", "lowrank", "exact")
+Strategy = _choice("Strategy", "fully", "random", "heuristic")
+Impl = _choice("Impl", "fused", "loop")                    # loop: the per-pair oracle
+Pairing = _choice("Pairing", "paper", "code")              # the paper's formula | the authors' released code
+Merge = _choice("Merge", "factors", "weights")
+LinkWarmup = _choice("LinkWarmup", "scaled", "full")
+Precision = _choice("Precision", "auto", "bf16", "fp16", "fp32")
+Family = _choice("Family", "llama", "opt")
+Kernels = _choice("Kernels", "auto", "liger", "none")
+AttnKernel = _choice("AttnKernel", "auto", "flash", "efficient", "cudnn", "math", "torch")  # SDPA backends (attention.py)
+Template = _choice("Template", "chat", "plain")
+LoggerName = _choice("LoggerName", "wandb", "tensorboard", "mlflow", "none")
+DataFormat = _choice("DataFormat", "auto", "alpaca", "sharegpt", "messages", "text")
+TooLong = _choice("TooLong", "truncate", "drop")
+LoggerMode = _choice("LoggerMode", "online", "offline", "disabled")
+Scoring = _choice("Scoring", "letter", "cloze")
 
 
 def choices(enum: type[StrEnum]) -> tuple[str, ...]:
@@ -219,18 +149,23 @@ class AdapterSchema(MethodSchema):
 
 
 @dataclass
-class PeftSchema(AdapterSchema):
-    """LoRA, DoRA, PiSSA through HF PEFT: one A, one B."""
-    kind: Kind = Kind.peft
-    init: Init = Init.lora                     # lora (Kaiming A, zero B) | pissa
+class SvdInitSchema(AdapterSchema):
+    """An adapter whose factors a PiSSA-style init may set from W's top-r SVD part."""
+    init: Init = Init.lora                     # lora (Kaiming A, zero B) | pissa | pissa_split
     # PiSSA-style inits: how W's top-r part is found (adapters/init.py, docs/INIT.md)
     svd: Svd = Svd.lowrank                     # lowrank (torch.svd_lowrank, seeded) | exact (torch.linalg.svd)
     svd_niter: int = 16                        # lowrank's power iterations (the paper's PiSSA baseline: 16)
+
+
+@dataclass
+class PeftSchema(SvdInitSchema):
+    """LoRA, DoRA, PiSSA through HF PEFT: one A, one B."""
+    kind: Kind = Kind.peft
     use_dora: bool = False
 
 
 @dataclass
-class ColaSchema(AdapterSchema):
+class ColaSchema(SvdInitSchema):
     """CoLA: num_A down- and num_B up-projections and a rule that pairs them."""
     kind: Kind = Kind.cola
     strategy: Strategy = Strategy.fully
@@ -238,20 +173,14 @@ class ColaSchema(AdapterSchema):
     num_B: int = 1
     impl: Impl = Impl.fused                    # fused | loop (the per-pair oracle)
     pairing: Pairing = Pairing.paper           # heuristic: paper (the paper's formula) | code (the authors' code)
-    init: Init = Init.lora
-    svd: Svd = Svd.lowrank
-    svd_niter: int = 16
 
 
 @dataclass
-class HydraLoraSchema(AdapterSchema):
+class HydraLoraSchema(SvdInitSchema):
     """HydraLoRA: one shared A, num_B heads, a per-token router."""
     kind: Kind = Kind.hydralora
     num_A: int = 1
     num_B: int = 3
-    init: Init = Init.lora
-    svd: Svd = Svd.lowrank
-    svd_niter: int = 16
 
     def check(self, where: str = "method") -> None:
         super().check(where)
@@ -340,7 +269,7 @@ class MoleBlockSchema(AdapterSchema):
 
 
 @dataclass
-class MolaSchema(AdapterSchema):
+class MolaSchema(SvdInitSchema):
     """MoLA: jointly trained LoRA experts, each token routed to its top_k, experts_per_group
     experts in each layer group from the bottom ([]: num_A everywhere)."""
     kind: Kind = Kind.mola
@@ -348,9 +277,6 @@ class MolaSchema(AdapterSchema):
     num_B: int = 8
     top_k: int = 2
     experts_per_group: List[int] = field(default_factory=list)
-    init: Init = Init.lora
-    svd: Svd = Svd.lowrank
-    svd_niter: int = 16
 
 
 @dataclass
@@ -693,13 +619,34 @@ def register_schemas() -> None:
 
 
 def typed(cfg) -> Config:
-    """The composed config as dataclasses (each method its own schema): OmegaConf.to_object on a
-    DictConfig, a Config as it is."""
+    """The composed config as dataclasses (each method its own schema): OmegaConf.to_object, at
+    the entry points only (`__main__`'s Hydra job, checks.check_values before Hydra, and
+    compose.typed_config for scripts and tests); a Config is returned as it is. Everything
+    below them takes the Config (`require_typed`)."""
     if isinstance(cfg, Config):
         return cfg
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(cfg)
+
+
+def require_typed(cfg, who: str) -> Config:
+    """`cfg` itself when it is the typed Config; a TypeError naming `who` for a DictConfig (a
+    caller that skipped the entry point's one conversion), so the code below never sees both."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"{who} takes the typed Config (config.typed(cfg) at the entry point), "
+                        f"got {type(cfg).__name__}")
+    return cfg
+
+
+def as_dict(cfg: Config) -> dict:
+    """The typed config as plain data (choices as their text): what results.json,
+    config.trained.yaml, resume's comparison and a logger get. The one way back from the
+    dataclasses; it equals OmegaConf.to_container(resolve=True) of the composed node
+    (tests/test_config.py checks it for every method)."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(require_typed(cfg, "as_dict")), default=str))
 
 
 SCORINGS = choices(Scoring)

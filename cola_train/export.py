@@ -55,12 +55,14 @@ def routed_method(model) -> str | None:
     return None
 
 
-def method_kind(model) -> str:
+def has_adapter(model) -> bool:
+    """Whether the model's backend attached an adapter (full fine-tuning's has none): asked of
+    the backend, not read off the method's kind."""
     from . import adapters
     from .adapters.io import unwrap
 
     info = adapters.adapter_info(unwrap(model))
-    return "none" if info is None else info["method"].kind
+    return info is not None and info["backend"].has_adapter
 
 
 def probe_logits(model, tokenizer, template: str):
@@ -102,7 +104,7 @@ def export_merged(model, tokenizer, template: str, dtype: str, directory: Path) 
 
         baseline = compare(reference, probe_logits(copy.deepcopy(model).to(resolve_dtype(dtype)), tokenizer,
                                                    template), dtype)["max_abs_diff"]
-    plain = adapters.merged_model(model) if method_kind(model) != "none" else model
+    plain = adapters.merged_model(model) if has_adapter(model) else model
     checks = [compare(reference, probe_logits(plain, tokenizer, template), "fp32")]
     if dtype != "fp32":
         plain = plain.to(resolve_dtype(dtype))
@@ -139,7 +141,7 @@ def export_run(run_dir: Path, to: str, out: Path | None = None, dtype: str = "fp
                           "weight update depends on the input and has neither a LoRA (--to peft) nor a merged "
                           "(--to merged) form; use --to merged where possible (lora, dora, pissa, cola, "
                           "chain_of_lora) and serve this run with python -m cola_train.generate RUN_DIR")
-    if to == "peft" and method_kind(model) == "none":
+    if to == "peft" and not has_adapter(model):
         raise ExportError("full fine-tuning has no adapter to export as PEFT; use --to merged")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -62,26 +62,24 @@ def spawned() -> bool:
     return bool(os.environ.get(SPAWNED))
 
 
-def global_rank() -> int:
+def _process_group(ask: str, env: str, default: str) -> int:
+    """The live process group's answer (`dist.<ask>()`), else the launcher's environment."""
     try:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
+            return getattr(dist, ask)()
     except ImportError:  # pragma: no cover
         pass
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get(env, default))
+
+
+def global_rank() -> int:
+    return _process_group("get_rank", "RANK", "0")
 
 
 def world_size() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-    except ImportError:  # pragma: no cover
-        pass
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _process_group("get_world_size", "WORLD_SIZE", "1")
 
 
 def free_port() -> int:

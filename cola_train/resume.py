@@ -114,7 +114,9 @@ def record_start(cfg, out: Path) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{SAVED}.{os.getpid()}.tmp"
-    OmegaConf.save(OmegaConf.create(_plain(OmegaConf.to_container(cfg, resolve=True))), tmp)
+    from .config import as_dict
+
+    OmegaConf.save(OmegaConf.create(as_dict(cfg)), tmp)
     os.replace(tmp, out / SAVED)
 
 
@@ -148,12 +150,11 @@ ADDED_KEYS = {"method.lr_scale_A": 1.0, "method.lr_scale_B": 1.0, "method.init_t
 
 
 def differences(saved: dict, cfg) -> dict:
-    """{dotted key: [saved value, this value]} for every key that differs, RESUME_ONLY aside."""
-    from omegaconf import DictConfig, OmegaConf
+    """{dotted key: [saved value, this value]} for every key that differs, RESUME_ONLY aside
+    (`cfg`: the typed Config, or a plain dict of one)."""
+    from .config import as_dict, saved_in_this_layout
 
-    from .config import saved_in_this_layout
-
-    now = _plain(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else _plain(cfg)
+    now = _plain(cfg) if isinstance(cfg, dict) else as_dict(cfg)
     old, new = _flat(_plain(saved_in_this_layout(_plain(saved), now))), _flat(now)  # runs saved before #24
     for key, value in ADDED_KEYS.items():
         if key in new and key not in old:
@@ -326,13 +327,15 @@ def _compose(overrides: list[str]):
 
 
 def _job(cfg):
-    """The job's config without the `hydra` node (what run() gets)."""
-    from omegaconf import OmegaConf, open_dict
+    """The job's typed Config, without the `hydra` node (what run() gets)."""
+    from omegaconf import open_dict
 
-    job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    from .config import typed
+
+    job = cfg.copy()
     with open_dict(job):
         job.pop("hydra", None)
-    return job
+    return typed(job)
 
 
 def newest_match(job, root: Path, depth: int) -> Path | None:

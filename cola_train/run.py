@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from . import adapters, attention, chain, checks, collate, config, distributed, factor_scales, kernels, loggers, preemption, \
     profiling, resume as resuming
@@ -60,15 +59,15 @@ def training_arguments(cfg, out: Path, report_to: list[str]):
     )
 
 
-def build_model(cfg, phases: Phases | None = None, rt: Runtime | None = None):
+def build_model(cfg: config.Config, phases: Phases | None = None, rt: Runtime | None = None):
     """Tokenizer, base model and the method's adapter. Returns (tokenizer, model, the fused
     kernels applied under the adapters)."""
+    config.require_typed(cfg, "build_model")
     phases, rt = phases or Phases(), rt or Runtime.of(cfg)
-    typed = config.typed(cfg)  # dataclasses for the layers below (models, adapters)
     with phases(f"model load ({cfg.model.name})"):
-        tokenizer = load_tokenizer(typed.model)
-        model = load_model(typed.model, resolve_dtype(typed.model.dtype))
-        targets = getattr(typed.method, "target_modules", None) or target_modules(typed.model)  # fft has none
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, resolve_dtype(cfg.model.dtype))
+        targets = getattr(cfg.method, "target_modules", None) or target_modules(cfg.model)  # fft has none
         checks.check_layers(model, cfg)  # targets exist, ranks fit their widths: before any adapter
         if torch.cuda.is_available() and not rt.deepspeed:
             # on the GPU before attaching: PiSSA's SVDs run there, not on a few contended CPU cores
@@ -78,7 +77,7 @@ def build_model(cfg, phases: Phases | None = None, rt: Runtime | None = None):
         log.info("fused model kernels: none (%s)", why)
     applied = kernels.apply(model, choice, rt.zero_stage == 3, list(targets))
     with phases("adapter init"):
-        model = adapters.attach_adapter(model, chain.adapter_method(typed.method), list(targets),  # chain: its base
+        model = adapters.attach_adapter(model, chain.adapter_method(cfg.method), list(targets),  # chain: its base
                                         seed=cfg.seed)
         factor_scales.tilt_init(model)  # method.init_tilt: A x t, B / t, the output unchanged
     mixed = any(_precision(cfg).values())
@@ -137,7 +136,8 @@ def _benchmark_after_training(cfg, model, tokenizer, bench_before: dict | None) 
     return bench
 
 
-def run(cfg, out: Path) -> dict:
+def run(cfg: config.Config, out: Path) -> dict:
+    """One run of the typed config (`__main__` converts Hydra's DictConfig once) into `out`."""
     from transformers import set_seed
 
     from .eval.scoring import check_tokenizer
@@ -145,7 +145,7 @@ def run(cfg, out: Path) -> dict:
     from .trainer import (CheckpointCompleteMarker, ColaTrainer, MetricsFileCallback, ResampleCallback,
                           StopOnNonFiniteLoss, StopWithoutGradient, forget_deepspeed)
 
-    validate(cfg)
+    validate(cfg)  # a TypeError for a DictConfig: config.typed at the entry point
     distributed.check(cfg)  # DeepSpeed vs trainer, trainer.devices vs GPUs
     rt = Runtime.of(cfg)  # rank, world size, device, ZeRO stage: fixed for the whole run
     requeued = preemption.resuming(out)  # back after a preemption: resume without being asked
@@ -185,7 +185,7 @@ def run(cfg, out: Path) -> dict:
         )
     loggers.attach(trainer, report_to)  # peak GPU memory into every logged step; the MLflow run
     schedule = chain.attach(cfg, trainer)  # Chain of LoRA: merge + re-init at link ends; None otherwise
-    results = RunRecord(out, config=OmegaConf.to_container(cfg, resolve=True), kernels=applied_kernels,
+    results = RunRecord(out, config=config.as_dict(cfg), kernels=applied_kernels,
                         adapter_kernels=adapters.kernels_of(model),  # what our layers compute with (options.py)
                         n_train_samples=len(train_ds), n_val_samples=len(val_ds) if val_ds else 0)
     results["attention"] = attention.apply(cfg.trainer.attn_kernel, torch.cuda.is_available())  # SDPA backends
@@ -235,7 +235,7 @@ def run(cfg, out: Path) -> dict:
         results["chain"] = schedule.summary()  # per link: steps, rank, loss at the switch, |dW|
     # the weights first: a benchmark that fails after hours of training loses no trained adapter
     with phases("adapter save"):
-        trainer.save_weights(out, rt, full_model=cfg.method.kind == "none")  # collective; rank 0 writes
+        trainer.save_weights(out, rt, full_model=not adapters.backend(model).has_adapter)  # collective; rank 0 writes
     results["benchmark"] = None
     if cfg.eval.enabled and bench_here:
         with phases("benchmark"):

@@ -42,7 +42,7 @@ RECORD_KEYS = ("link", "start_step", "end_step", "rank", "merged", "loss_at_swit
 
 def record(name: str) -> dict:
     """Run one case in this process and return what is pinned of it."""
-    from cola_train.compose import compose
+    from cola_train.compose import typed_config as compose
     from cola_train.run import run
 
     with tempfile.TemporaryDirectory() as tmp:

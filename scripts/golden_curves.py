@@ -66,14 +66,14 @@ def curve(name: str) -> list:
     from transformers import set_seed
 
     from cola_train import adapters
-    from cola_train.compose import compose
+    from cola_train.compose import typed_config as compose
     from cola_train.run import build_model
 
     cfg = compose(TINY + METHODS[name])
     set_seed(SEED)
     _, model, _ = build_model(cfg)
     model.train()
-    batch = _batch(int(cfg.model.arch.vocab_size))
+    batch = _batch(int(cfg.model.arch["vocab_size"]))
     chain = cfg.method.kind == "chain"
     links = int(cfg.method.links) if chain else 1
     switch_after = STEPS // links

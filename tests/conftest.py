@@ -28,8 +28,27 @@ def data_root() -> Path:
     return DATA_ROOT
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is no package): the code a test checks, run the
+    way a user runs it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def compose(overrides: list[str]):
-    """The config `python -m cola_train <overrides>` would run, composed in-process."""
+    """The typed Config `python -m cola_train <overrides>` would run, composed in-process (and
+    typed once, as __main__ does: what run / build_model / validate take)."""
+    from cola_train.compose import typed_config
+
+    return typed_config(overrides)
+
+
+def compose_node(overrides: list[str]):
+    """The composed DictConfig, as Hydra hands it to __main__ before it is typed."""
     from cola_train.compose import compose as compose_job
 
     return compose_job(overrides)

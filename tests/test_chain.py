@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from cola_train import chain
+from cola_train.adapters import base_layers
 from cola_train.adapters.io import unwrap
 from cola_train.checks import validate
 from cola_train.config import ConfigError, MethodConfig, method_view
@@ -115,13 +116,14 @@ def _logits(model):
 def _base_weights(model) -> dict:
     """Each adapted layer's effective base weight in float64: W plus the links committed beside it."""
     out = {}
-    for name, layer, is_peft in chain._layers(unwrap(model)):
-        base = layer.get_base_layer() if is_peft else layer.base_layer
+    for name, base in base_layers(model).items():
         with chain.gathered([base.weight], modify=False):
             out[name] = base.weight.detach().double().clone()
-        holder = base if is_peft else layer   # committed links: a hook on PEFT's base, a term of ours
-        if "committed_A" in holder._buffers:
-            out[name] += holder.committed_B.double() @ holder.committed_A.double()
+    for module_name, module in unwrap(model).named_modules():
+        # committed links: a hook on PEFT's base linear, a term of our layer
+        if "committed_A" in module._buffers:
+            name = module_name.removeprefix("base_model.model.").removesuffix(".base_layer")
+            out[name] += module.committed_B.double() @ module.committed_A.double()
     return out
 
 
@@ -189,8 +191,7 @@ def test_a_bf16_base_keeps_a_small_link_only_as_factors(base, merge):
     chain.switch(model, 4, seed=7, merge=merge)
     _train_a_bit(model, seed=1, scale=1e-5)
     start = _base_weights(model)
-    weights = {n: (layer.get_base_layer() if is_peft else layer.base_layer).weight.detach().clone()
-               for n, layer, is_peft in chain._layers(unwrap(model))}
+    weights = {n: base.weight.detach().clone() for n, base in base_layers(model).items()}
     _, factors = chain.switch(model, 4, seed=8, merge=merge)
     effective = _base_weights(model)
     kept = []
@@ -199,9 +200,8 @@ def test_a_bf16_base_keeps_a_small_link_only_as_factors(base, merge):
         got = effective[name] - start[name]
         kept.append(float((got * want).sum() / (want * want).sum()))      # the share of dW kept along dW
     if merge == "factors":
-        for name, layer, is_peft in chain._layers(unwrap(model)):
-            weight = (layer.get_base_layer() if is_peft else layer.base_layer).weight
-            assert torch.equal(weight, weights[name]), name
+        for name, base in base_layers(model).items():
+            assert torch.equal(base.weight, weights[name]), name
         assert min(kept) > 0.999 and max(kept) < 1.001, kept
     else:
         assert sum(kept) / len(kept) < 0.5, kept

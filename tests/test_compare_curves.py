@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compare_curves.py"
-
+from conftest import load_script
 
 def _load():
-    spec = importlib.util.spec_from_file_location("compare_curves", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("compare_curves")
 
 
 def _run_dir(root: Path, name: str, losses: dict[int, float], eval_loss=None) -> Path:

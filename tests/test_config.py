@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from cola_train import config as C
 from cola_train.checks import validate
 from cola_train.config import ConfigError
-from conftest import CONF, compose
+from conftest import CONF, compose, compose_node
 
 GROUPS = ["model", "method", "data", "trainer", "deepspeed", "logger", "eval"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -27,7 +27,7 @@ NEEDS = {("method", "moelora"): ["data.task_key=source"]}
 def test_every_option_composes_and_validates(group, option):
     cfg = compose([f"{group}={option}", *NEEDS.get((group, option), [])])
     validate(cfg)
-    assert OmegaConf.select(cfg, group) is not None
+    assert getattr(cfg, group) is not None
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
@@ -132,7 +132,7 @@ def test_choices_read_as_text():
     """StrEnum values compare, hash and print as their text, so `kind == "peft"` keeps working."""
     cfg = compose(["method=lora"])
     assert cfg.method.kind == "peft" and f"{cfg.method.kind}" == "peft" and {"peft": 1}[cfg.method.kind] == 1
-    assert OmegaConf.to_yaml(cfg).count("kind: peft") == 1
+    assert OmegaConf.to_yaml(compose_node(["method=lora"])).count("kind: peft") == 1
 
 
 # -- the chain's base comes from the defaults list ----------------------------------------------------
@@ -177,7 +177,7 @@ def test_a_chain_config_saved_with_the_base_as_a_name_still_loads():
     """Runs saved before the base was a node have `base: cola_heuristic` (eval/__main__ reloads them)."""
     from cola_train import chain
 
-    saved = OmegaConf.to_container(compose(["method=chain_of_lora", "method.r=4"]).method, resolve=True)
+    saved = C.as_dict(compose(["method=chain_of_lora", "method.r=4"]))["method"]
     saved["base"] = "cola_heuristic"
     base = chain.base_method(saved)
     assert (base.kind, base.strategy, base.num_B, base.r) == ("cola", "heuristic", 3, 4)
@@ -197,8 +197,36 @@ def test_a_run_saved_in_the_old_layout_resumes_without_a_method_change():
                                {**old_union, "name": "chain_of_lora", "kind": "chain", "base": "cola_heuristic",
                                 "links": 3})):
         cfg = compose(overrides)
-        saved = {**OmegaConf.to_container(cfg, resolve=True), "method": method}
+        saved = {**C.as_dict(cfg), "method": method}
         assert differences(saved, cfg) == {}, overrides
     cfg = compose(["method=lora"])
-    saved = {**OmegaConf.to_container(cfg, resolve=True), "method": {**old_union, "num_B": 3}}
+    saved = {**C.as_dict(cfg), "method": {**old_union, "num_B": 3}}
     assert differences(saved, cfg) == {"method.num_B": [3, "(absent)"]}
+
+
+# -- the config is typed once, at the entry point ---------------------------------------------------
+
+@pytest.mark.parametrize("method", ["fft", "lora", "cola_heuristic", "lora_moe", "mole", "chain_of_lora"])
+def test_the_typed_config_reads_back_as_the_composed_node(method):
+    """results.json, config.trained.yaml and resume's comparison get as_dict(typed config): the
+    same plain data OmegaConf gives for Hydra's node, so records from before the typing compare."""
+    import json
+
+    node = compose_node([f"method={method}", "deepspeed=zero3"])
+    expected = json.loads(json.dumps(OmegaConf.to_container(node, resolve=True), default=str))
+    assert C.as_dict(C.typed(node)) == expected
+
+
+def test_the_run_refuses_an_untyped_config():
+    """Below the entry points (__main__'s job, check_values, compose.typed_config) the code takes
+    the typed Config only: a DictConfig is a caller's bug, named, not silently converted again."""
+    from cola_train.run import build_model, run
+
+    node = compose_node(["model=tiny_llama"])
+    for call in (lambda: validate(node), lambda: build_model(node), lambda: run(node, None), lambda: C.as_dict(node)):
+        with pytest.raises(TypeError, match=r"takes the typed Config \(config\.typed\(cfg\) at the entry point\), got DictConfig"):
+            call()
+    typed = compose(["model=tiny_llama", "method=lora", "trainer.effective_batch=16", "trainer.batch_size=4"])
+    assert isinstance(typed, C.Config) and isinstance(typed.method, C.PeftSchema)
+    validate(typed)
+    assert typed.trainer.grad_accum == 4   # derived on the object the run goes on with

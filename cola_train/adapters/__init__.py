@@ -35,7 +35,7 @@ __all__ = [
     "AdapterError", "attach_adapter", "save_adapter", "load_adapter", "merge_adapter", "unmerge_adapter",
     "merged_model", "export_peft", "commit_adapter", "reinit_adapter", "trainable_parameters", "aux_loss", "resample",
     "LowRankLinear", "Combiner", "StaticCombiner", "RoutedCombiner", "Kernels", "adapter_info", "backend",
-    "set_kernels", "kernels_of", "layer_factors", "set_default_task",
+    "set_kernels", "kernels_of", "layer_factors", "base_layers", "set_default_task",
 ]
 
 
@@ -114,6 +114,12 @@ def layer_factors(model: nn.Module):
     == B @ A, scaling folded into B."""
     model = unwrap(model)
     return backend(model).layer_factors(model)
+
+
+def base_layers(model: nn.Module):
+    """{layer name as in the base model: the frozen base linear under its adapter}."""
+    model = unwrap(model)
+    return backend(model).base_layers(model)
 
 
 def aux_loss(model: nn.Module) -> Optional[torch.Tensor]:

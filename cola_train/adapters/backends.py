@@ -6,7 +6,7 @@ branching on the method's kind.
     full  (FullBackend)  full fine-tuning: nothing attached, every weight trains
 
 Each answers attach, merge, unmerge, merged (merge_and_unload), commit, reinit, layer_factors,
-save, load and export. A backend object is made per model by attach/load and kept in the model's
+base_layers, save, load and export. A backend object is made per model by attach/load and kept in the model's
 adapter info (`adapters.backend(model)`), with what it must remember (PEFT's init/commit record).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..parallel import gathered  # ZeRO-3: a base weight whole for a merge; no-op otherwise
 from ..progress import bar
 from . import committed, gated_mlp, peft_methods, shared_qkv
 from . import init as inits
@@ -33,6 +34,12 @@ PEFT_RECORD = "cola_peft_record.safetensors"
 
 def our_layers(model: nn.Module) -> Dict[str, LowRankLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _short(name: str) -> str:
+    """A PEFT module's name as in the base model (without PeftModel's prefix)."""
+    prefix = "base_model.model."
+    return name[len(prefix):] if name.startswith(prefix) else name
 
 
 def _log_init_time(log, cfg, n_layers: int, started: float) -> None:
@@ -80,6 +87,11 @@ class Backend:
         """{layer name as in the base model: float32 (A, B)} with the live update == B @ A."""
         raise NotImplementedError
 
+    def base_layers(self, model) -> Dict[str, nn.Module]:
+        """{layer name as in the base model: its frozen base linear}: what a merge writes into (and
+        whose dtype decides what a merge rounds away: chain.py's warning)."""
+        raise NotImplementedError
+
     def save(self, model, directory: str, meta: dict) -> None:
         raise NotImplementedError
 
@@ -123,6 +135,9 @@ class FullBackend(Backend):
     def layer_factors(self, model):
         return {}
 
+    def base_layers(self, model):
+        return {}
+
     def save(self, model, directory, meta) -> None:
         model.save_pretrained(directory)
 
@@ -162,7 +177,11 @@ class PeftBackend(Backend):
         return peft_model
 
     def merge(self, model) -> None:
-        model.merge_adapter()
+        # per layer, its base weight gathered: PEFT's merge_adapter does not gather under ZeRO-3
+        # (our layers gather their own)
+        for _, layer in peft_methods.lora_layers(model):
+            with gathered([layer.get_base_layer().weight], modify=True):
+                layer.merge(adapter_names=[peft_methods.ADAPTER])
 
     def unmerge(self, model) -> None:
         model.unmerge_adapter()
@@ -178,9 +197,10 @@ class PeftBackend(Backend):
         peft_methods.reinit(model, self.record, rank)
 
     def layer_factors(self, model):
-        prefix = "base_model.model."
-        return {(n[len(prefix):] if n.startswith(prefix) else n): peft_methods.current_factors(m)
-                for n, m in peft_methods.lora_layers(model)}
+        return {_short(n): peft_methods.current_factors(m) for n, m in peft_methods.lora_layers(model)}
+
+    def base_layers(self, model):
+        return {_short(n): m.get_base_layer() for n, m in peft_methods.lora_layers(model)}
 
     def save(self, model, directory, meta) -> None:
         from safetensors.torch import save_file
@@ -299,6 +319,9 @@ class OursBackend(Backend):
 
     def layer_factors(self, model):
         return {name: layer.factors(dtype=torch.float32) for name, layer in self._mergeable_layers(model).items()}
+
+    def base_layers(self, model):
+        return {name: layer.base_layer for name, layer in our_layers(model).items()}
 
     def save(self, model, directory, meta) -> None:
         from safetensors.torch import save_file
