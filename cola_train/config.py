@@ -63,6 +63,11 @@ class Impl(StrEnum):
     loop = "loop"          # the per-pair oracle
 
 
+class DropoutMask(StrEnum):
+    shared = "shared"        # one mask per shared input (q/k/v; gate/up): the grouped GEMMs keep running
+    per_layer = "per_layer"  # each adapted linear its own mask (PEFT's way; the maths before issue #22)
+
+
 class Pairing(StrEnum):
     paper = "paper"        # the paper's formula
     code = "code"          # the authors' released code
@@ -231,6 +236,7 @@ class ColaSchema(AdapterSchema):
     init: Init = Init.lora
     svd: Svd = Svd.lowrank
     svd_niter: int = 16
+    dropout_mask: DropoutMask = DropoutMask.shared   # shared | per_layer (adapters/fused_ops.py, docs/PERFORMANCE.md)
 
 
 @dataclass
@@ -422,6 +428,7 @@ class MethodConfig:
     num_B: int = 1
     impl: str = "fused"                        # fused | loop (the per-pair oracle)
     pairing: str = "paper"                     # heuristic: paper (the paper's formula) | code (the authors' code)
+    dropout_mask: str = "shared"               # shared (one mask per shared input) | per_layer
     # MoLE
     balance_coef: float = 0.01
     expert_paths: List[str] = field(default_factory=list)

@@ -35,6 +35,19 @@ def _ref_mlp(gate, up, weight, bias, A, B, p, seed):
     return _ref_linear(h, weight, bias, A, B, p, seed)
 
 
+def _ref_shared(x, A, p, seed, *rest):
+    """SharedInputLowRank's maths in plain autograd ops: one mask on x for every member; the
+    committed links (Ac, Bc) read the undropped x."""
+    xa = x * seeded_dropout.dropout_mask(x, p, seed) if p else x
+    Bs = rest[2::5]
+    outs = []
+    for W, b, B, Ac, Bc, zi in zip(rest[0::5], rest[1::5], Bs, rest[3::5], rest[4::5],
+                                   (xa @ A.t()).split([B.shape[1] for B in Bs], dim=1)):
+        out = F.linear(x, W, b) + zi @ B.t()
+        outs.append(out if Ac is None else out + x @ Ac.t() @ Bc.t())
+    return tuple(outs)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_low_rank_linear_gradcheck(bias, p):
@@ -49,10 +62,12 @@ def test_low_rank_linear_gradcheck(bias, p):
     torch.testing.assert_close(fn(x, A, B), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_shared_input_low_rank_gradcheck(bias):
-    """Two linears of different widths and ranks on one x, against each one's plain formula; an
-    output left unused gets no B gradient and adds nothing to dx."""
+def test_shared_input_low_rank_gradcheck(bias, p):
+    """Two linears of different widths and ranks on one x, against each one's plain formula (with
+    dropout: the same mask on x for both); an output left unused gets no B gradient and adds
+    nothing to dx."""
     torch.manual_seed(2)
     bases = [_frozen_linear(6, 5, bias), _frozen_linear(6, 4, bias)]
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
@@ -63,14 +78,17 @@ def test_shared_input_low_rank_gradcheck(bias):
     leaves = (x, *[t for f in factors for t in f])
 
     def fn(x, A1, B1, A2, B2):
-        return fused_ops.shared_input_low_rank(bases, x, [(A1, B1), (A2, B2)])
+        if not p:
+            return fused_ops.shared_input_low_rank(bases, x, [(A1, B1), (A2, B2)])
+        rest = [t for base, B in zip(bases, (B1, B2)) for t in (base.weight, base.bias, B, None, None)]
+        return fused_ops.SharedInputLowRank.apply(x, torch.cat([A1, A2]), p, 1234, *rest)
 
     assert torch.autograd.gradcheck(fn, leaves)
     for out, base, (A, B) in zip(fn(*leaves), bases, factors):
-        torch.testing.assert_close(out, _ref_linear(x, base.weight, base.bias, A, B, 0.0, 0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, _ref_linear(x, base.weight, base.bias, A, B, p, 1234), rtol=1e-12, atol=1e-12)
     first = fn(*leaves)[0].sum()
     grads = torch.autograd.grad(first, leaves, allow_unused=True)
-    ref = torch.autograd.grad(_ref_linear(x, bases[0].weight, bases[0].bias, *factors[0], 0.0, 0).sum(),
+    ref = torch.autograd.grad(_ref_linear(x, bases[0].weight, bases[0].bias, *factors[0], p, 1234).sum(),
                               leaves[:3])
     for got, want in zip(grads[:3], ref):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -188,9 +206,9 @@ def _llama(dtype):
     return LlamaForCausalLM(cfg).to(dtype)
 
 
-def _cola(strategy, dropout=0.0, pairing="paper"):
+def _cola(strategy, dropout=0.0, pairing="paper", mask="shared"):
     return MethodConfig(name=f"cola_{strategy}", kind="cola", strategy=strategy, num_A=2, num_B=3, r=4,
-                        alpha=8.0, dropout=dropout, init="pissa", pairing=pairing)
+                        alpha=8.0, dropout=dropout, init="pissa", pairing=pairing, dropout_mask=mask)
 
 
 def _grads(model, ids, custom, seed=0):
@@ -209,12 +227,12 @@ def _grads(model, ids, custom, seed=0):
 
 @pytest.mark.parametrize("strategy,pairing", [("fully", "paper"), ("random", "paper"), ("heuristic", "paper"),
                                               ("heuristic", "code")])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_model_gradients_match_autograd(strategy, pairing, dropout):
+@pytest.mark.parametrize("dropout,mask", [(0.0, "shared"), (0.1, "shared"), (0.1, "per_layer")])
+def test_model_gradients_match_autograd(strategy, pairing, dropout, mask):
     """Loss and every adapter gradient (float64) equal to the same forward differentiated by
     autograd: the plain path without dropout; with dropout, the plain-op twins of the fused
     functions drawing the same masks (nn.Dropout draws from another stream)."""
-    model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout, pairing), TARGETS)
+    model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout, pairing, mask), TARGETS)
     assert not any("forward" in m.__dict__ for m in model.modules())   # no patched forward, but modules:
     assert sum(1 for m in model.modules() if isinstance(m, gated_mlp.FusedGatedMLP)) == 2  # both MLPs
     assert sum(1 for m in model.modules() if isinstance(m, shared_qkv.SharedInputGroup)) == 2  # both q/k/v
@@ -224,13 +242,15 @@ def test_model_gradients_match_autograd(strategy, pairing, dropout):
             mock.patch.object(fused_ops.SharedInputLowRank, "apply", wraps=shared_apply) as shared, \
             mock.patch.object(fused_ops.GatedLowRankMLP, "apply", wraps=fused_ops.GatedLowRankMLP.apply) as mlp:
         loss, grads = _grads(model, ids, custom=True)
-    # q, k, v, o, gate, up in 2 layers: each on its own with dropout (own masks), else q, k, v
-    # together and gate, up together
-    assert (lin.call_count, shared.call_count) == ((12, 0) if dropout else (2, 4))
+    # q, k, v, o, gate, up in 2 layers: each on its own with per-layer masks, else q, k, v
+    # together and gate, up together (one mask each group with dropout_mask=shared)
+    assert (lin.call_count, shared.call_count) == ((12, 0) if dropout and mask == "per_layer" else (2, 4))
     assert mlp.call_count == 2                       # the down_proj of each MLP
     assert all(c.args[-2] == dropout for c in lin.call_args_list + mlp.call_args_list)
+    assert all(c.args[2] == dropout for c in shared.call_args_list)
     if dropout:
         with mock.patch.object(fused_ops.LowRankLinear, "apply", _ref_linear), \
+                mock.patch.object(fused_ops.SharedInputLowRank, "apply", _ref_shared), \
                 mock.patch.object(fused_ops.GatedLowRankMLP, "apply", _ref_mlp):
             ref_loss, ref = _grads(model, ids, custom=True)
         with mock.patch.object(LowRankLinear, "_dropout_p", lambda self: 0.0):

@@ -14,9 +14,10 @@ it would keep extra activations alive. These functions cut that traffic and memo
   backward (gated_act: one Triton kernel each way on a GPU). The frozen model would store
   silu(gate) and the product, so an adapted MLP keeps less than a frozen one.
 * `SharedInputLowRank`: adapted linears that read the same x (an attention's q, k and v; a gated
-  MLP's gate and up), without dropout: one GEMM for all their z = x A_i^T, one for dA, one for the
-  adapters' part of dx, onto which every base input gradient accumulates (autograd would write one
-  dx per linear and sum them).
+  MLP's gate and up): one GEMM for all their z = drop(x) A_i^T, one for dA, one for the adapters'
+  part of dx, onto which every base input gradient accumulates (autograd would write one dx per
+  linear and sum them). With dropout, one mask for the group's x (method.dropout_mask=shared, the
+  default; per_layer gives each linear its own mask and runs them apart, as before).
 * `RoutedLowRankLinear` (HydraLoRA, MoLE) and `GatedRoutedLowRankMLP`, the same on a gated MLP's
   down_proj, keeping gate and up as GatedLowRankMLP does.
 * The update is written first and the base GEMM accumulates onto it (`addmm_`, beta = 1): the
@@ -190,26 +191,36 @@ def gated_low_rank_mlp(base: nn.Linear, gate: torch.Tensor, up: torch.Tensor,
 
 
 class SharedInputLowRank(torch.autograd.Function):
-    """k adapted linears reading one x, no dropout: out_i = x W_i^T + b_i + (x A_i^T) B_i^T.
+    """k adapted linears reading one x: out_i = x W_i^T + b_i + (drop(x) A_i^T) B_i^T (+ (x A_ci^T) B_ci^T).
 
-    A: the A_i stacked, (sum r_i, d_in); rest: (W_1, b_1, B_1, .., W_k, b_k, B_k). Returns the k
-    outputs. An output nobody used gets no gradient: its B_i none, its part of dx and dA zero."""
+    One dropout mask for the whole group (p, seed; method.dropout_mask=shared): drop(x) is drawn
+    once, so one GEMM gives every z_i = drop(x) A_i^T, one gives dA = gz^T drop(x) (the mask drawn
+    again, not stored), and dx = drop(gz A) + sum_i g_i W_i (+ (g_i B_ci) A_ci) in one buffer.
+    Each linear still sees Bernoulli(1 - p) / (1 - p) on its input, as with its own mask; the three
+    masks are the same one. The committed Chain-of-LoRA links (Ac_i, Bc_i, or None) read the
+    undropped x, as in LowRankLinear.
+
+    A: the A_i stacked, (sum r_i, d_in); rest: (W_1, b_1, B_1, Ac_1, Bc_1, .., W_k, .., Bc_k).
+    Returns the k outputs. An output nobody used gets no gradient: its B_i none, its part of dx
+    and dA zero."""
 
     @staticmethod
-    def forward(ctx, x, A, *rest):
-        weights, biases, Bs = rest[0::3], rest[1::3], rest[2::3]
+    def forward(ctx, x, A, p, seed, *rest):
+        weights, biases, Bs, Acs, Bcs = (rest[i::5] for i in range(5))
         with _no_autocast(x):
-            z = x @ A.t()
+            z = dropped(x, p, seed) @ A.t()
             zs = z.split([B.shape[1] for B in Bs], dim=1)
-            outs = tuple(_update_and_base(zi, B, x, W, b) for zi, B, W, b in zip(zs, Bs, weights, biases))
-        ctx.save_for_backward(x, A, z, *weights, *Bs)
+            outs = tuple(_update_and_base(zi, B, x, W, b, _frozen(Ac, Bc))
+                         for zi, B, W, b, Ac, Bc in zip(zs, Bs, weights, biases, Acs, Bcs))
+        ctx.p = p
+        ctx.save_for_backward(x, A, z, _seed(p, seed, x), *weights, *Bs, *Acs, *Bcs)
         return outs
 
     @staticmethod
     def backward(ctx, *gs):
-        x, A, z, *rest = ctx.saved_tensors
+        x, A, z, seed, *rest = ctx.saved_tensors
         k = len(gs)
-        weights, Bs = rest[:k], rest[k:]
+        weights, Bs, Acs, Bcs = (rest[i * k:(i + 1) * k] for i in range(4))
         with _no_autocast(x):
             gz, dBs = [], []
             for g, B, zi in zip(gs, Bs, z.split([B.shape[1] for B in Bs], dim=1)):
@@ -220,21 +231,28 @@ class SharedInputLowRank(torch.autograd.Function):
                     gz.append(g @ B)
                     dBs.append(g.t() @ zi)
             gz = torch.cat(gz, dim=1)
-            dA = gz.t() @ x
+            dA = _down_grad(gz, x, ctx.p, seed)
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = gz @ A
-                for g, W in zip(gs, weights):
+                dx = dropped(gz @ A, ctx.p, seed)
+                for g, W, Ac, Bc in zip(gs, weights, Acs, Bcs):
                     if g is not None:
+                        if Ac is not None:
+                            dx.addmm_(g @ Bc, Ac)
                         dx.addmm_(g, W)
-        return (dx, dA) + tuple(grad for dB in dBs for grad in (None, None, dB))
+        return (dx, dA, None, None) + tuple(grad for dB in dBs for grad in (None, None, dB, None, None))
 
 
-def shared_input_low_rank(bases, x: torch.Tensor, factors) -> tuple:
-    """The outputs of adapted linears sharing x: bases their frozen nn.Linears, factors their (A, B)."""
+def shared_input_low_rank(bases, x: torch.Tensor, factors, p: float = 0.0, frozen=None) -> tuple:
+    """The outputs of adapted linears sharing x: bases their frozen nn.Linears, factors their (A, B),
+    p their dropout (one mask for all, a fresh seed per call), frozen their committed links
+    ((A_c, B_c) in x's dtype, or None; per linear)."""
     A = torch.cat([a for a, _ in factors])
-    rest = [t for base, (_, B) in zip(bases, factors) for t in (base.weight, base.bias, B)]
-    return SharedInputLowRank.apply(x, A, *rest)
+    frozen = frozen or [None] * len(bases)
+    rest = [t for base, (_, B), fz in zip(bases, factors, frozen)
+            for t in (base.weight, base.bias, B, *(fz or (None, None)))]
+    seed = new_seed(x.device) if p else None
+    return SharedInputLowRank.apply(x, A, p, seed, *rest)
 
 
 def _routed_update(x, weight, bias, R, A, B, r: int, p: float, seed):
