@@ -151,6 +151,61 @@ def test_routed_low_rank_linear_gradcheck(groups, p):
     torch.testing.assert_close(probs, ref_probs, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("used", [0, 1])          # only out (HydraLoRA: probs unused), only probs
+@pytest.mark.parametrize("groups", [1, 3])
+def test_routed_gradients_with_one_output_unused(groups, used):
+    """The routed functions do not materialise zero gradients for an unused output
+    (set_materialize_grads(False)): the maths is the same when either one is unused."""
+    torch.manual_seed(4)
+    base = _frozen_linear(6, 5, True)
+    E, r = 3, 2
+    leaves = (torch.randn(7, 6, dtype=torch.float64, requires_grad=True),
+              torch.randn(E, 6, dtype=torch.float64, requires_grad=True),
+              torch.randn(groups * r, 6, dtype=torch.float64, requires_grad=True),
+              torch.randn(5, E * r, dtype=torch.float64, requires_grad=True))
+    fn = lambda x, R, A, B: fused_ops.RoutedLowRankLinear.apply(x, base.weight, base.bias, R, A, B, r, 0.0, None)[used]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+    got = torch.autograd.grad(fn(*leaves).sum(), leaves, allow_unused=True)
+    want = torch.autograd.grad(_ref_routed(*leaves[:1], base.weight, base.bias, *leaves[1:], r, 0.0, 0)[used].sum(),
+                               leaves, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_hydralora_routed_path_dispatches_no_avoidable_op():
+    """Issue #22 part 3: the routed path after the one-layer redesign dispatched a view of the
+    shared A (forward and backward), materialised zeros for HydraLoRA's unused probs gradient and
+    added them, copied h to make it contiguous, built [R; A] again in backward and dispatched
+    promote_types. Counted with a TorchDispatchMode on one layer's forward + backward."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cola_train.adapters.lowrank import hydralora_layer
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = hydralora_layer(_frozen_linear(16, 12, False), 4, 8.0, 0.0, 3)
+    assert layer._routed_factors()[1] is layer.lora_A          # the shared A as it is: no view
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    with Count() as counter:
+        layer(x).sum().backward()
+    ops = counter.ops
+    assert not {"zeros", "clone", "promote_types", "add"} & set(ops), ops
+    assert ops["cat"] == 2 and ops["_softmax"] == 1, ops   # [R; A] once, [d_logits | d_h] once
+
+
 def _ref_gated_routed(gate, up, *rest):
     return _ref_routed(F.silu(gate) * up, *rest)
 

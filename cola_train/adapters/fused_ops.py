@@ -255,22 +255,31 @@ def shared_input_low_rank(bases, x: torch.Tensor, factors, p: float = 0.0, froze
     return SharedInputLowRank.apply(x, A, p, seed, *rest)
 
 
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The router's softmax in at least float32 (float64 stays float64): promote_types as Python,
+    not a dispatched op per routed layer."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _routed_update(x, weight, bias, R, A, B, r: int, p: float, seed):
-    """RoutedLowRankLinear's forward maths: (out, probs, h)."""
+    """RoutedLowRankLinear's forward maths: (out, probs, h, RA), RA = [R; A] where one GEMM over x
+    computed the router and the A's (no dropout; backward reuses it), else None."""
     if p == 0.0:                                               # router and A's: one pass over x
-        logits, h = (x @ torch.cat([R, A]).t()).split([R.shape[0], A.shape[0]], dim=1)
+        RA = torch.cat([R, A])
+        logits, h = (x @ RA.t()).split([R.shape[0], A.shape[0]], dim=1)
     else:
-        logits, h = x @ R.t(), dropped(x, p, seed) @ A.t()
-    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-    h = h.contiguous().view(x.shape[0], -1, r)
+        RA, (logits, h) = None, (x @ R.t(), dropped(x, p, seed) @ A.t())
+    probs = torch.softmax(logits, dim=-1, dtype=_softmax_dtype(x.dtype))
+    h = h.view(x.shape[0], -1, r)                              # columns of x [R; A]^T: a view, no copy
     del logits
     out = _update_and_base((probs.to(h.dtype).unsqueeze(-1) * h).flatten(1), B, x, weight, bias)
-    return out, probs, h
+    return out, probs, h, RA
 
 
 def _routed_small_grads(g, g_probs, B, h, probs, r: int):
     """(dB, [d_logits | d_h]): what needs neither x nor dx. The two gradients side by side, as the
-    router and the A's sit side by side in one GEMM without dropout."""
+    router and the A's sit side by side in one GEMM without dropout. g_probs None: probs unused
+    (HydraLoRA), no zeros materialised for it."""
     gate = probs.to(h.dtype).unsqueeze(-1)                     # (T, E, 1)
     weighted = (gate * h).flatten(1)                           # (T, E r)
     dB = g.t() @ weighted
@@ -286,10 +295,10 @@ def _routed_small_grads(g, g_probs, B, h, probs, r: int):
     return dB, torch.cat([d_logits, d_h.flatten(1)], dim=1)
 
 
-def _routed_input_grad(g, weight, R, A, d_both, p: float, seed):
+def _routed_input_grad(g, weight, R, A, RA, d_both, p: float, seed):
     """dx = g W + d_logits R + drop(d_h A), in one buffer."""
     if p == 0.0:
-        return (d_both @ torch.cat([R, A])).addmm_(g, weight)
+        return (d_both @ RA).addmm_(g, weight)
     d_logits, d_h = d_both.split([R.shape[0], A.shape[0]], dim=1)
     return _input_grad(g, weight, d_h, A, p, seed).addmm_(d_logits, R)
 
@@ -302,6 +311,11 @@ def _routed_weight_grads(x, R, A, d_both, p: float, seed):
     return d_logits.t() @ x, _down_grad(d_h, x, p, seed)
 
 
+def _output_grad(g, weight, h):
+    """The output's gradient; zeros where only probs were used (grads are not materialised)."""
+    return g if g is not None else weight.new_zeros(h.shape[0], weight.shape[0])
+
+
 class RoutedLowRankLinear(torch.autograd.Function):
     """HydraLoRA and MoLE: a per-token softmax over E heads mixes low-rank updates.
 
@@ -309,23 +323,26 @@ class RoutedLowRankLinear(torch.autograd.Function):
         out = x W^T + b + sum_e probs[:, e] * h[:, e or 0] B_e^T      (B = [B_1 .. B_E], scaled)
 
     G = 1 (HydraLoRA: one shared A for every head) or E (MoLE: one A per expert). Returns
-    (out, probs): probs carries MoLE's balance-loss gradient back in. The router reads the
-    undropped x, as the official code does. dx = g W + d_logits R + d_h A in one buffer.
+    (out, probs): probs carries MoLE's balance-loss gradient back in (HydraLoRA's is unused: its
+    gradient stays None, not materialised zeros). The router reads the undropped x, as the official
+    code does. dx = g W + d_logits R + d_h A in one buffer.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, R, A, B, r, p, seed):
-        out, probs, h = _routed_update(x, weight, bias, R, A, B, r, p, seed)
+        out, probs, h, RA = _routed_update(x, weight, bias, R, A, B, r, p, seed)
         ctx.p, ctx.r = p, r
-        ctx.save_for_backward(x, weight, R, A, B, h, probs, _seed(p, seed, x))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, R, A, RA, B, h, probs, _seed(p, seed, x))
         return out, probs
 
     @staticmethod
     def backward(ctx, g, g_probs):
-        x, weight, R, A, B, h, probs, seed = ctx.saved_tensors
+        x, weight, R, A, RA, B, h, probs, seed = ctx.saved_tensors
+        g = _output_grad(g, weight, h)
         dB, d_both = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
         dR, dA = _routed_weight_grads(x, R, A, d_both, ctx.p, seed)
-        dx = _routed_input_grad(g, weight, R, A, d_both, ctx.p, seed) if ctx.needs_input_grad[0] else None
+        dx = _routed_input_grad(g, weight, R, A, RA, d_both, ctx.p, seed) if ctx.needs_input_grad[0] else None
         return dx, None, None, dR, dA, dB, None, None, None
 
 
@@ -336,17 +353,19 @@ class GatedRoutedLowRankMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, R, A, B, r, p, seed):
         x = gated_act.forward(gate, up)
-        out, probs, h = _routed_update(x, weight, bias, R, A, B, r, p, seed)
+        out, probs, h, RA = _routed_update(x, weight, bias, R, A, B, r, p, seed)
         del x
         ctx.p, ctx.r = p, r
-        ctx.save_for_backward(gate, up, weight, R, A, B, h, probs, _seed(p, seed, gate))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(gate, up, weight, R, A, RA, B, h, probs, _seed(p, seed, gate))
         return out, probs
 
     @staticmethod
     def backward(ctx, g, g_probs):
-        gate, up, weight, R, A, B, h, probs, seed = ctx.saved_tensors
+        gate, up, weight, R, A, RA, B, h, probs, seed = ctx.saved_tensors
+        g = _output_grad(g, weight, h)
         dB, d_both = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
-        dx = _routed_input_grad(g, weight, R, A, d_both, ctx.p, seed)
+        dx = _routed_input_grad(g, weight, R, A, RA, d_both, ctx.p, seed)
         x, dgate, dup = gated_act.backward(gate, up, dx)       # x again, for dR and dA
         dR, dA = _routed_weight_grads(x, R, A, d_both, ctx.p, seed)
         return dgate, dup, None, None, dR, dA, dB, None, None, None

@@ -161,8 +161,8 @@ class LowRankLinear(nn.Module):
 
     def _routed_factors(self):
         """(router weight, [A_1; ..; A_G], [B_1 .. B_E] * s) as RoutedLowRankLinear takes them."""
-        return (self.combiner.router(self).weight, self.lora_A.reshape(-1, self.in_features),
-                self.lora_B.reshape(self.out_features, -1) * self.scaling)
+        A = self.lora_A if self.lora_A.dim() == 2 else self.lora_A.reshape(-1, self.in_features)  # shared A: as is
+        return self.combiner.router(self).weight, A, self.lora_B.reshape(self.out_features, -1) * self.scaling
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, up: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
