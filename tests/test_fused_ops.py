@@ -485,7 +485,8 @@ def test_shared_qkv_hands_each_output_back_once():
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3))
     with mock.patch.object(fused_ops.SharedInputLowRank, "apply", wraps=fused_ops.SharedInputLowRank.apply) as shared:
         model(input_ids=ids)
-    assert [len(c.args) for c in shared.call_args_list] == [2 + 3 * 3, 2 + 3 * 2] * 2   # q, k, v then gate, up
+    # x, A, p, seed and (W, b, B, A_c, B_c) per member: q, k, v then gate, up
+    assert [len(c.args) for c in shared.call_args_list] == [4 + 5 * 3, 4 + 5 * 2] * 2
     assert all(not g.pending for g in model.modules() if isinstance(g, shared_qkv.SharedInputGroup))
     plain = merged_model(model)
     assert shared_qkv.install(plain) == 0 and not any("forward" in m.__dict__ for m in plain.modules())
