@@ -25,7 +25,8 @@ class Kernels:
     # dropout on siblings reading one input: "shared", one mask for the group's x, so the grouped
     # GEMMs run with dropout too; "per_layer", each linear its own mask (as PEFT's layers do). Set
     # from method.dropout_mask by attach_adapter. Where the grouped call does not run (fp32 path,
-    # ZeRO-3, torch.compile, impl=loop) every linear draws its own mask either way.
+    # ZeRO-3, impl=loop) every linear draws its own mask either way; regional_compile.compile_blocks
+    # sets per_layer (compiled blocks run each linear alone).
     dropout_mask: str = "shared"
 
     def __post_init__(self):
