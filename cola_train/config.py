@@ -57,6 +57,9 @@ def _choice(name: str, *values: str) -> type[StrEnum]:
 Svd = _choice("Svd", "lowrank", "exact")
 Strategy = _choice("Strategy", "fully", "random", "heuristic")
 Impl = _choice("Impl", "fused", "loop")                    # loop: the per-pair oracle
+# shared: one mask per shared input (q/k/v; gate/up), the grouped GEMMs keep running |
+# per_layer: each adapted linear its own mask (PEFT's way; the maths before issue #22)
+DropoutMask = _choice("DropoutMask", "shared", "per_layer")
 Pairing = _choice("Pairing", "paper", "code")              # the paper's formula | the authors' released code
 Merge = _choice("Merge", "factors", "weights")
 LinkWarmup = _choice("LinkWarmup", "scaled", "full")
@@ -173,6 +176,7 @@ class ColaSchema(SvdInitSchema):
     num_B: int = 1
     impl: Impl = Impl.fused                    # fused | loop (the per-pair oracle)
     pairing: Pairing = Pairing.paper           # heuristic: paper (the paper's formula) | code (the authors' code)
+    dropout_mask: DropoutMask = DropoutMask.shared   # shared | per_layer (adapters/fused_ops.py, docs/PERFORMANCE.md)
 
 
 @dataclass
@@ -391,6 +395,7 @@ class MethodConfig:
     num_B: int = 1
     impl: str = "fused"                        # fused | loop (the per-pair oracle)
     pairing: str = "paper"                     # heuristic: paper (the paper's formula) | code (the authors' code)
+    dropout_mask: str = "shared"               # shared (one mask per shared input) | per_layer
     # MoLE
     balance_coef: float = 0.01
     expert_paths: List[str] = field(default_factory=list)

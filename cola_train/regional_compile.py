@@ -60,6 +60,12 @@ def compile_blocks(model: nn.Module, backend="inductor") -> list[nn.Module]:
         config = getattr(module, "config", None)
         if getattr(config, "use_cache", False):
             config.use_cache = False
+    # compiled blocks run each adapted linear on its own (the q/k/v and gate/up groups hand outputs
+    # between module calls, which is eager-only): with dropout each draws its own mask, and the
+    # layers' options say so (results.json's adapter_kernels), not method.dropout_mask=shared
+    from .adapters import set_kernels
+
+    set_kernels(model, dropout_mask="per_layer")
     torch._inductor.config.fallback_random = True
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     for block in blocks:

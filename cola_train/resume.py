@@ -143,6 +143,7 @@ _ABSENT = "(absent)"
 # keys added after earlier runs were saved, at the values that train exactly as the code before
 # them did: absent from an old run's config means this value (any other value is a change)
 ADDED_KEYS = {"method.lr_scale_A": 1.0, "method.lr_scale_B": 1.0, "method.init_tilt": 1.0,
+              "method.dropout_mask": "per_layer", "method.base.dropout_mask": "per_layer",   # issue #22
               "trainer.profile_steps": 0, "trainer.pad_to_multiple_of": 1,
               "data.path": None, "data.format": "auto", "data.skip_bad_rows": False, "data.too_long": "truncate",
               "eval.harness.tasks": [], "eval.harness.batch_size": None, "eval.harness.lm_eval_tasks": False,

@@ -92,17 +92,31 @@ VARIANTS = {
     "HydraLoRA (n=3), fp32 adapter path": MethodConfig(name="hydralora", kind="hydralora", num_A=1, num_B=3,
                                                        r=8, alpha=16, dropout=0.0),
     "PEFT LoRA, fp32 adapter path": MethodConfig(name="lora", kind="peft", r=8, alpha=16, dropout=0.0),
-    # the method configs' dropout (the papers' 0.05): seeded masks, redrawn in backward (fused_ops)
+    # the method configs' dropout (the papers' 0.05): seeded masks, redrawn in backward (fused_ops);
+    # method.dropout_mask=shared (the default): one mask per shared input, q/k/v and gate/up grouped
     "ours LoRA (m=n=1), dropout 0.05": MethodConfig(name="lora1", **{**COLA, "num_A": 1, "num_B": 1,
                                                                      "dropout": 0.05}),
     "CoLA heuristic fused, dropout 0.05": MethodConfig(name="cola_heuristic", strategy="heuristic",
                                                        impl="fused", **{**COLA, "dropout": 0.05}),
-    # what a run gets from the YAMLs without overrides: dropout 0.05 and fp32 master weights
+    # before/after: dropout_mask=per_layer, each linear its own mask, q/k/v and gate/up apart (run 11's code)
+    "ours LoRA (m=n=1), dropout 0.05, per_layer masks": MethodConfig(
+        name="lora1", **{**COLA, "num_A": 1, "num_B": 1, "dropout": 0.05}, dropout_mask="per_layer"),
+    "CoLA heuristic fused, dropout 0.05, per_layer masks": MethodConfig(
+        name="cola_heuristic", strategy="heuristic", impl="fused", **{**COLA, "dropout": 0.05},
+        dropout_mask="per_layer"),
+    # what a run gets from the YAMLs without overrides: dropout 0.05 (shared masks) and fp32 master weights
     "ours LoRA (m=n=1), config defaults: dropout 0.05, fp32 master weights": MethodConfig(
         name="lora1", **{**COLA, "num_A": 1, "num_B": 1, "dropout": 0.05}),
     **{f"CoLA {s} fused, config defaults: dropout 0.05, fp32 master weights": MethodConfig(
         name=f"cola_{s}", strategy=s, impl="fused", **{**COLA, "dropout": 0.05})
        for s in ("fully", "random", "heuristic")},
+    "HydraLoRA (n=3), config defaults: dropout 0.05, fp32 master weights": MethodConfig(
+        name="hydralora", kind="hydralora", num_A=1, num_B=3, r=8, alpha=16, dropout=0.05),
+    # the config defaults as run 11 measured them, per-layer masks: heuristic only (CI's --small run
+    # times every variant, so each one listed costs CI time)
+    "CoLA heuristic fused, config defaults with per_layer masks: dropout 0.05, fp32 master weights": MethodConfig(
+        name="cola_heuristic", strategy="heuristic", impl="fused", **{**COLA, "dropout": 0.05},
+        dropout_mask="per_layer"),
     # session 11's changes undone: the gated activation as torch ops (not gated_act's Triton kernels),
     # q, k, v and gate, up each with its own GEMMs (not one SharedInputLowRank per shared input)
     "ours LoRA (m=n=1), torch gated act, projections apart": MethodConfig(name="lora1", **{**COLA, "num_A": 1,

@@ -31,7 +31,9 @@ CASES = {
     "links3_one_schedule": ["method.links=3", "trainer.warmup_steps=2", "method.restart_lr=false"],
     "rank_schedule_fractions": ["method.links=3", "method.rank_schedule=[8,4,2]",
                                 "method.link_fractions=[0.5,0.25,0.25]", "trainer.warmup_steps=2"],
+    # pinned with per-layer dropout masks (method.dropout_mask's default, shared, is another stream)
     "heuristic_log2_weights": ["method.links=2", "method.base=cola_heuristic", "method.merge=weights",
+                               "method.base.dropout_mask=per_layer",
                                "trainer.logging_steps=2", "trainer.warmup_steps=1"],
 }
 STEP_KEYS = ("loss", "learning_rate", "grad_norm")

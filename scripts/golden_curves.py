@@ -33,13 +33,17 @@ METHODS = {
     "lora": ["method=lora"],
     "dora": ["method=dora"],
     "pissa": ["method=pissa"],
-    "cola_fully": ["method=cola_fully"],
-    "cola_random": ["method=cola_random"],
-    "cola_heuristic": ["method=cola_heuristic"],
+    # pinned with one dropout mask per adapted linear: method.dropout_mask=per_layer (the default,
+    # shared, draws one mask per shared input, q/k/v and gate/up: another stream, other curves)
+    "cola_fully": ["method=cola_fully", "method.dropout_mask=per_layer"],
+    "cola_random": ["method=cola_random", "method.dropout_mask=per_layer"],
+    "cola_heuristic": ["method=cola_heuristic", "method.dropout_mask=per_layer"],
     # the two pairings from a Kaiming init: from the split PiSSA init every A_i (and B_j) starts
     # equal, and which A takes which B moves the curve by only ~1e-7 in 8 steps
-    "cola_heuristic_paper": ["method=cola_heuristic", "method.pairing=paper", "method.init=lora"],
-    "cola_heuristic_code": ["method=cola_heuristic", "method.pairing=code", "method.init=lora"],
+    "cola_heuristic_paper": ["method=cola_heuristic", "method.pairing=paper", "method.init=lora",
+                             "method.dropout_mask=per_layer"],
+    "cola_heuristic_code": ["method=cola_heuristic", "method.pairing=code", "method.init=lora",
+                            "method.dropout_mask=per_layer"],
     "hydralora": ["method=hydralora"],
     "mole": ["method=lora_moe"],   # our token-gated layer, formerly method=mole (the curve is the same)
     "chain_of_lora": ["method=chain_of_lora", "method.links=2"],

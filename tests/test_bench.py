@@ -36,6 +36,9 @@ def test_bench_small_runs_every_variant(tmp_path, capsys):
     for r in rows:  # best of the rounds, and how far apart they were
         assert r["step_ms"] == min(r["round_ms"])
         assert r["spread"] == (max(r["round_ms"]) / min(r["round_ms"]) - 1 if len(r["round_ms"]) > 1 else None)
+    # one dropout mask per shared input (method.dropout_mask=shared): the grouped GEMMs keep running
+    for name in ("ours LoRA (m=n=1), dropout 0.05", "CoLA heuristic fused, dropout 0.05"):
+        assert ops[name] < ops[f"{name}, per_layer masks"]
     # session 11's changes (gated_act's kernels, shared-input GEMMs) change the work, not the maths
     for name in ("ours LoRA (m=n=1)", "CoLA heuristic fused"):
         before = f"{name}, torch gated act, projections apart"

@@ -17,12 +17,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 F64 = torch.float64
 
 
-def _model(dropout):
+def _model(dropout, mask="shared"):
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
     cfg = MethodConfig(name="cola_heuristic", kind="cola", strategy="heuristic", num_A=2, num_B=3, r=4,
-                       alpha=8.0, dropout=dropout, init="pissa", svd="exact")
+                       alpha=8.0, dropout=dropout, init="pissa", svd="exact", dropout_mask=mask)
     return attach_adapter(base.to(F64), cfg, TARGETS)
 
 
@@ -55,15 +55,17 @@ def _step(model, ids, custom=True):
     return loss.detach(), grads, {k: m.call_count for k, m in mocks.items()}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_link_two_runs_the_same_fused_path_as_link_one(dropout):
-    model = _model(dropout)
+@pytest.mark.parametrize("dropout,mask", [(0.0, "shared"), (0.1, "shared"), (0.1, "per_layer")])
+def test_link_two_runs_the_same_fused_path_as_link_one(dropout, mask):
+    model = _model(dropout, mask)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     _perturb(model, 1)
     _, _, link1 = _step(model, ids)
-    # without dropout q/k/v and gate/up run grouped (2 layers x 2 groups), o_proj alone; with
-    # dropout each of q, k, v, o, gate, up alone; down_proj through the gated MLP kernel
-    assert link1 == ({"linear": 2, "shared": 4, "mlp": 2} if dropout == 0 else {"linear": 12, "shared": 0, "mlp": 2})
+    # q/k/v and gate/up run grouped (2 layers x 2 groups), o_proj alone, without dropout or with one
+    # mask per group; with per-layer masks each of q, k, v, o, gate, up alone; down_proj through
+    # the gated MLP kernel
+    apart = dropout and mask == "per_layer"
+    assert link1 == ({"linear": 12, "shared": 0, "mlp": 2} if apart else {"linear": 2, "shared": 4, "mlp": 2})
     commit_adapter(model)
     reinit_adapter(model)
     _perturb(model, 2)

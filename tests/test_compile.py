@@ -14,7 +14,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from cola_train.adapters import attach_adapter, aux_loss, resample
+from cola_train.adapters import attach_adapter, aux_loss, kernels_of, resample, set_kernels
 from cola_train.config import MethodConfig
 from cola_train.regional_compile import compile_blocks
 from test_fused_ops import ROUTED, TARGETS, _cola, _llama
@@ -107,9 +107,12 @@ def test_dropout_is_traced_with_eager_masks(method):
     """The fused functions' dropout (a hash of a seed tensor, seeded_dropout) traces: one graph, no
     break, the masks of eager mode; a new seed each step compiles nothing new."""
     model = _adapted(method, dropout=0.1)
+    set_kernels(model, dropout_mask="per_layer")   # what compiled blocks draw (compile_blocks sets it)
     ref = [_step(model, IDS, seed=seed) for seed in (0, 1)]
     assert ref[0][0] != ref[1][0]   # other masks
+    set_kernels(model, dropout_mask="shared")
     counter = _compile_layers(model, "aot_eager")
+    assert kernels_of(model)["dropout_mask"] == "per_layer"   # compiling says what the blocks draw
     _assert_same(_step(model, IDS, seed=0), ref[0])
     frames = counter.frame_count
     _assert_same(_step(model, IDS, seed=1), ref[1])
@@ -133,7 +136,9 @@ def test_a_run_with_trainer_compile_matches_eager(data_root, tmp_path, method, e
     from conftest import TINY, compose
     from cola_train.run import run
 
-    common = TINY + [f"method={method}", "trainer.max_steps=4", "eval=none"] + extra
+    # compiled blocks draw one dropout mask per linear (compile_blocks): the eager run too
+    masks = ["method.dropout_mask=per_layer"] if method.startswith("cola_") else []
+    common = TINY + [f"method={method}", "trainer.max_steps=4", "eval=none"] + masks + extra
     eager = run(compose(common), tmp_path / "eager")
     assert not counters["stats"]["unique_graphs"]
     compiled = run(compose(common + ["trainer.compile=true"]), tmp_path / "compiled")

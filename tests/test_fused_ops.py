@@ -35,6 +35,19 @@ def _ref_mlp(gate, up, weight, bias, A, B, p, seed):
     return _ref_linear(h, weight, bias, A, B, p, seed)
 
 
+def _ref_shared(x, A, p, seed, *rest):
+    """SharedInputLowRank's maths in plain autograd ops: one mask on x for every member; the
+    committed links (Ac, Bc) read the undropped x."""
+    xa = x * seeded_dropout.dropout_mask(x, p, seed) if p else x
+    Bs = rest[2::5]
+    outs = []
+    for W, b, B, Ac, Bc, zi in zip(rest[0::5], rest[1::5], Bs, rest[3::5], rest[4::5],
+                                   (xa @ A.t()).split([B.shape[1] for B in Bs], dim=1)):
+        out = F.linear(x, W, b) + zi @ B.t()
+        outs.append(out if Ac is None else out + x @ Ac.t() @ Bc.t())
+    return tuple(outs)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_low_rank_linear_gradcheck(bias, p):
@@ -49,10 +62,12 @@ def test_low_rank_linear_gradcheck(bias, p):
     torch.testing.assert_close(fn(x, A, B), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_shared_input_low_rank_gradcheck(bias):
-    """Two linears of different widths and ranks on one x, against each one's plain formula; an
-    output left unused gets no B gradient and adds nothing to dx."""
+def test_shared_input_low_rank_gradcheck(bias, p):
+    """Two linears of different widths and ranks on one x, against each one's plain formula (with
+    dropout: the same mask on x for both); an output left unused gets no B gradient and adds
+    nothing to dx."""
     torch.manual_seed(2)
     bases = [_frozen_linear(6, 5, bias), _frozen_linear(6, 4, bias)]
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
@@ -63,14 +78,17 @@ def test_shared_input_low_rank_gradcheck(bias):
     leaves = (x, *[t for f in factors for t in f])
 
     def fn(x, A1, B1, A2, B2):
-        return fused_ops.shared_input_low_rank(bases, x, [(A1, B1), (A2, B2)])
+        if not p:
+            return fused_ops.shared_input_low_rank(bases, x, [(A1, B1), (A2, B2)])
+        rest = [t for base, B in zip(bases, (B1, B2)) for t in (base.weight, base.bias, B, None, None)]
+        return fused_ops.SharedInputLowRank.apply(x, torch.cat([A1, A2]), p, 1234, *rest)
 
     assert torch.autograd.gradcheck(fn, leaves)
     for out, base, (A, B) in zip(fn(*leaves), bases, factors):
-        torch.testing.assert_close(out, _ref_linear(x, base.weight, base.bias, A, B, 0.0, 0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, _ref_linear(x, base.weight, base.bias, A, B, p, 1234), rtol=1e-12, atol=1e-12)
     first = fn(*leaves)[0].sum()
     grads = torch.autograd.grad(first, leaves, allow_unused=True)
-    ref = torch.autograd.grad(_ref_linear(x, bases[0].weight, bases[0].bias, *factors[0], 0.0, 0).sum(),
+    ref = torch.autograd.grad(_ref_linear(x, bases[0].weight, bases[0].bias, *factors[0], p, 1234).sum(),
                               leaves[:3])
     for got, want in zip(grads[:3], ref):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -133,6 +151,61 @@ def test_routed_low_rank_linear_gradcheck(groups, p):
     torch.testing.assert_close(probs, ref_probs, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("used", [0, 1])          # only out (HydraLoRA: probs unused), only probs
+@pytest.mark.parametrize("groups", [1, 3])
+def test_routed_gradients_with_one_output_unused(groups, used):
+    """The routed functions do not materialise zero gradients for an unused output
+    (set_materialize_grads(False)): the maths is the same when either one is unused."""
+    torch.manual_seed(4)
+    base = _frozen_linear(6, 5, True)
+    E, r = 3, 2
+    leaves = (torch.randn(7, 6, dtype=torch.float64, requires_grad=True),
+              torch.randn(E, 6, dtype=torch.float64, requires_grad=True),
+              torch.randn(groups * r, 6, dtype=torch.float64, requires_grad=True),
+              torch.randn(5, E * r, dtype=torch.float64, requires_grad=True))
+    fn = lambda x, R, A, B: fused_ops.RoutedLowRankLinear.apply(x, base.weight, base.bias, R, A, B, r, 0.0, None)[used]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+    got = torch.autograd.grad(fn(*leaves).sum(), leaves, allow_unused=True)
+    want = torch.autograd.grad(_ref_routed(*leaves[:1], base.weight, base.bias, *leaves[1:], r, 0.0, 0)[used].sum(),
+                               leaves, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_hydralora_routed_path_dispatches_no_avoidable_op():
+    """Issue #22 part 3: the routed path after the one-layer redesign dispatched a view of the
+    shared A (forward and backward), materialised zeros for HydraLoRA's unused probs gradient and
+    added them, copied h to make it contiguous, built [R; A] again in backward and dispatched
+    promote_types. Counted with a TorchDispatchMode on one layer's forward + backward."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cola_train.adapters.lowrank import hydralora_layer
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = hydralora_layer(_frozen_linear(16, 12, False), 4, 8.0, 0.0, 3)
+    assert layer._routed_factors()[1] is layer.lora_A          # the shared A as it is: no view
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    with Count() as counter:
+        layer(x).sum().backward()
+    ops = counter.ops
+    assert not {"zeros", "clone", "promote_types", "add"} & set(ops), ops
+    assert ops["cat"] == 2 and ops["_softmax"] == 1, ops   # [R; A] once, [d_logits | d_h] once
+
+
 def _ref_gated_routed(gate, up, *rest):
     return _ref_routed(F.silu(gate) * up, *rest)
 
@@ -188,9 +261,9 @@ def _llama(dtype):
     return LlamaForCausalLM(cfg).to(dtype)
 
 
-def _cola(strategy, dropout=0.0, pairing="paper"):
+def _cola(strategy, dropout=0.0, pairing="paper", mask="shared"):
     return MethodConfig(name=f"cola_{strategy}", kind="cola", strategy=strategy, num_A=2, num_B=3, r=4,
-                        alpha=8.0, dropout=dropout, init="pissa", pairing=pairing)
+                        alpha=8.0, dropout=dropout, init="pissa", pairing=pairing, dropout_mask=mask)
 
 
 def _grads(model, ids, custom, seed=0):
@@ -209,12 +282,12 @@ def _grads(model, ids, custom, seed=0):
 
 @pytest.mark.parametrize("strategy,pairing", [("fully", "paper"), ("random", "paper"), ("heuristic", "paper"),
                                               ("heuristic", "code")])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_model_gradients_match_autograd(strategy, pairing, dropout):
+@pytest.mark.parametrize("dropout,mask", [(0.0, "shared"), (0.1, "shared"), (0.1, "per_layer")])
+def test_model_gradients_match_autograd(strategy, pairing, dropout, mask):
     """Loss and every adapter gradient (float64) equal to the same forward differentiated by
     autograd: the plain path without dropout; with dropout, the plain-op twins of the fused
     functions drawing the same masks (nn.Dropout draws from another stream)."""
-    model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout, pairing), TARGETS)
+    model = attach_adapter(_llama(torch.float64), _cola(strategy, dropout, pairing, mask), TARGETS)
     assert not any("forward" in m.__dict__ for m in model.modules())   # no patched forward, but modules:
     assert sum(1 for m in model.modules() if isinstance(m, gated_mlp.FusedGatedMLP)) == 2  # both MLPs
     assert sum(1 for m in model.modules() if isinstance(m, shared_qkv.SharedInputGroup)) == 2  # both q/k/v
@@ -224,13 +297,15 @@ def test_model_gradients_match_autograd(strategy, pairing, dropout):
             mock.patch.object(fused_ops.SharedInputLowRank, "apply", wraps=shared_apply) as shared, \
             mock.patch.object(fused_ops.GatedLowRankMLP, "apply", wraps=fused_ops.GatedLowRankMLP.apply) as mlp:
         loss, grads = _grads(model, ids, custom=True)
-    # q, k, v, o, gate, up in 2 layers: each on its own with dropout (own masks), else q, k, v
-    # together and gate, up together
-    assert (lin.call_count, shared.call_count) == ((12, 0) if dropout else (2, 4))
+    # q, k, v, o, gate, up in 2 layers: each on its own with per-layer masks, else q, k, v
+    # together and gate, up together (one mask each group with dropout_mask=shared)
+    assert (lin.call_count, shared.call_count) == ((12, 0) if dropout and mask == "per_layer" else (2, 4))
     assert mlp.call_count == 2                       # the down_proj of each MLP
     assert all(c.args[-2] == dropout for c in lin.call_args_list + mlp.call_args_list)
+    assert all(c.args[2] == dropout for c in shared.call_args_list)
     if dropout:
         with mock.patch.object(fused_ops.LowRankLinear, "apply", _ref_linear), \
+                mock.patch.object(fused_ops.SharedInputLowRank, "apply", _ref_shared), \
                 mock.patch.object(fused_ops.GatedLowRankMLP, "apply", _ref_mlp):
             ref_loss, ref = _grads(model, ids, custom=True)
         with mock.patch.object(LowRankLinear, "_dropout_p", lambda self: 0.0):
@@ -410,7 +485,8 @@ def test_shared_qkv_hands_each_output_back_once():
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3))
     with mock.patch.object(fused_ops.SharedInputLowRank, "apply", wraps=fused_ops.SharedInputLowRank.apply) as shared:
         model(input_ids=ids)
-    assert [len(c.args) for c in shared.call_args_list] == [2 + 3 * 3, 2 + 3 * 2] * 2   # q, k, v then gate, up
+    # x, A, p, seed and (W, b, B, A_c, B_c) per member: q, k, v then gate, up
+    assert [len(c.args) for c in shared.call_args_list] == [4 + 5 * 3, 4 + 5 * 2] * 2
     assert all(not g.pending for g in model.modules() if isinstance(g, shared_qkv.SharedInputGroup))
     plain = merged_model(model)
     assert shared_qkv.install(plain) == 0 and not any("forward" in m.__dict__ for m in plain.modules())

@@ -115,3 +115,40 @@ def test_chain_link_switch_keeps_fp32_master_weights_when_the_rank_changes(base)
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
     assert min(min(p.shape) for p in trainable) == 2  # the rank did change
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_master_weights_cast_only_the_factors_per_step():
+    """fp32 master factors beside a bf16 base (issue #22 part 2): a step casts A and B to bf16 and
+    their gradients back (4 casts per layer), nothing else; heuristic's pairing matrix is cast
+    once, not every forward; a changed pairing (random's per-step draw) is cast again."""
+    from collections import Counter
+
+    import torch
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cola_train.adapters.lowrank import cola_layer
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = cola_layer(nn.Linear(16, 12, bias=False).to(torch.bfloat16).requires_grad_(False), 4, 8.0, 0.0,
+                       2, 3, "heuristic")
+    for p in (layer.lora_A, layer.lora_B):
+        p.data = p.data.float()
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    layer(x).float().sum().backward()         # the first step casts the pairing matrix
+    with Count() as counter:
+        layer(x).float().sum().backward()
+    assert counter.ops["_to_copy"] == 4 + 2, counter.ops   # A, B and their gradients; the test's .float() x2
+    reference = layer.combiner._mixing(layer, torch.float32)
+    layer.set_pairing(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))   # a new pairing: cast again
+    fresh = layer.combiner._mixing(layer, torch.float32)
+    assert fresh is not reference and torch.equal(fresh, layer.mixing.float())

@@ -14,7 +14,8 @@ def test_profile_steps_writes_table_and_summary(tmp_path, data_root):
     results = json.loads((out / "results.json").read_text())
     prof = results["profile"]
     # the adapters' kernel options are recorded (adapters/options.py: these are the documented defaults)
-    assert results["adapter_kernels"] == {"custom_backward": True, "group_shared_inputs": True, "fp32_path": False}
+    assert results["adapter_kernels"] == {"custom_backward": True, "group_shared_inputs": True, "fp32_path": False,
+                                          "dropout_mask": "shared"}
     # steps 3 and 4 of 8: after the three warm steps, exactly two optimizer steps
     assert (prof["steps"], prof["from_step"]) == (2, 3)
     assert prof["wall_s"] > 0 and prof["ops"] > 0

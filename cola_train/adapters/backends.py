@@ -256,6 +256,7 @@ class OursBackend(Backend):
 
     def attach(self, model, targets, seed, loading, log, kernels=DEFAULT_KERNELS):
         cfg, combiner_type = self.cfg, self.method.combiner
+        kernels = kernels.replace(dropout_mask=cfg.dropout_mask)   # the method's choice, visible per layer
         names = match_targets(model, targets)
         for p in model.parameters():
             p.requires_grad_(False)

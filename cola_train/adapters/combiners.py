@@ -183,12 +183,29 @@ class StaticCombiner(Combiner):
         if self.strategy == "fully" or self.eval_rule(train_rule):
             w = s if self.strategy == "fully" else s / n
             return A.sum(0), B.sum(1) * w
-        K = layer.mixing.to(A.dtype)   # P (x) I_r: one matmul groups the factors (few ops a step)
+        K = self._mixing(layer, A.dtype)   # P (x) I_r: one matmul groups the factors (few ops a step)
         if m <= n:
             B_grouped = B.reshape(layer.out_features, n * r) @ K
             return A.reshape(m * r, layer.in_features), B_grouped * s
         A_grouped = K @ A.reshape(m * r, layer.in_features)
         return A_grouped, B.reshape(layer.out_features, n * r) * s
+
+    def _mixing(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        """The mixing buffer in the factors' dtype. With fp32 master weights (models.upcast_trainable)
+        the factors are fp32 and the buffer stays in the base's bf16: the cast is kept until the
+        buffer changes (set_pairing: heuristic never, random each step), not redone every forward.
+        Not cached while compiling (inductor plans it) or in inference mode (an inference tensor
+        cannot be saved for a later training backward)."""
+        K = layer.mixing
+        if K.dtype == dtype:
+            return K
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return K.to(dtype)
+        cached = layer.__dict__.get("_mixing_cast")   # (the buffer object, its version, dtype, the cast)
+        if cached is None or cached[0] is not K or cached[1] != K._version or cached[2] != dtype:
+            cached = (K, K._version, dtype, K.to(dtype))
+            layer.__dict__["_mixing_cast"] = cached
+        return cached[3]
 
     def total_weight(self) -> float:
         return pairing.total_weight(self.strategy, self.num_A, self.num_B)

@@ -14,9 +14,10 @@ it would keep extra activations alive. These functions cut that traffic and memo
   backward (gated_act: one Triton kernel each way on a GPU). The frozen model would store
   silu(gate) and the product, so an adapted MLP keeps less than a frozen one.
 * `SharedInputLowRank`: adapted linears that read the same x (an attention's q, k and v; a gated
-  MLP's gate and up), without dropout: one GEMM for all their z = x A_i^T, one for dA, one for the
-  adapters' part of dx, onto which every base input gradient accumulates (autograd would write one
-  dx per linear and sum them).
+  MLP's gate and up): one GEMM for all their z = drop(x) A_i^T, one for dA, one for the adapters'
+  part of dx, onto which every base input gradient accumulates (autograd would write one dx per
+  linear and sum them). With dropout, one mask for the group's x (method.dropout_mask=shared, the
+  default; per_layer gives each linear its own mask and runs them apart, as before).
 * `RoutedLowRankLinear` (HydraLoRA, MoLE) and `GatedRoutedLowRankMLP`, the same on a gated MLP's
   down_proj, keeping gate and up as GatedLowRankMLP does.
 * The update is written first and the base GEMM accumulates onto it (`addmm_`, beta = 1): the
@@ -190,26 +191,36 @@ def gated_low_rank_mlp(base: nn.Linear, gate: torch.Tensor, up: torch.Tensor,
 
 
 class SharedInputLowRank(torch.autograd.Function):
-    """k adapted linears reading one x, no dropout: out_i = x W_i^T + b_i + (x A_i^T) B_i^T.
+    """k adapted linears reading one x: out_i = x W_i^T + b_i + (drop(x) A_i^T) B_i^T (+ (x A_ci^T) B_ci^T).
 
-    A: the A_i stacked, (sum r_i, d_in); rest: (W_1, b_1, B_1, .., W_k, b_k, B_k). Returns the k
-    outputs. An output nobody used gets no gradient: its B_i none, its part of dx and dA zero."""
+    One dropout mask for the whole group (p, seed; method.dropout_mask=shared): drop(x) is drawn
+    once, so one GEMM gives every z_i = drop(x) A_i^T, one gives dA = gz^T drop(x) (the mask drawn
+    again, not stored), and dx = drop(gz A) + sum_i g_i W_i (+ (g_i B_ci) A_ci) in one buffer.
+    Each linear still sees Bernoulli(1 - p) / (1 - p) on its input, as with its own mask; the three
+    masks are the same one. The committed Chain-of-LoRA links (Ac_i, Bc_i, or None) read the
+    undropped x, as in LowRankLinear.
+
+    A: the A_i stacked, (sum r_i, d_in); rest: (W_1, b_1, B_1, Ac_1, Bc_1, .., W_k, .., Bc_k).
+    Returns the k outputs. An output nobody used gets no gradient: its B_i none, its part of dx
+    and dA zero."""
 
     @staticmethod
-    def forward(ctx, x, A, *rest):
-        weights, biases, Bs = rest[0::3], rest[1::3], rest[2::3]
+    def forward(ctx, x, A, p, seed, *rest):
+        weights, biases, Bs, Acs, Bcs = (rest[i::5] for i in range(5))
         with _no_autocast(x):
-            z = x @ A.t()
+            z = dropped(x, p, seed) @ A.t()
             zs = z.split([B.shape[1] for B in Bs], dim=1)
-            outs = tuple(_update_and_base(zi, B, x, W, b) for zi, B, W, b in zip(zs, Bs, weights, biases))
-        ctx.save_for_backward(x, A, z, *weights, *Bs)
+            outs = tuple(_update_and_base(zi, B, x, W, b, _frozen(Ac, Bc))
+                         for zi, B, W, b, Ac, Bc in zip(zs, Bs, weights, biases, Acs, Bcs))
+        ctx.p = p
+        ctx.save_for_backward(x, A, z, _seed(p, seed, x), *weights, *Bs, *Acs, *Bcs)
         return outs
 
     @staticmethod
     def backward(ctx, *gs):
-        x, A, z, *rest = ctx.saved_tensors
+        x, A, z, seed, *rest = ctx.saved_tensors
         k = len(gs)
-        weights, Bs = rest[:k], rest[k:]
+        weights, Bs, Acs, Bcs = (rest[i * k:(i + 1) * k] for i in range(4))
         with _no_autocast(x):
             gz, dBs = [], []
             for g, B, zi in zip(gs, Bs, z.split([B.shape[1] for B in Bs], dim=1)):
@@ -220,39 +231,55 @@ class SharedInputLowRank(torch.autograd.Function):
                     gz.append(g @ B)
                     dBs.append(g.t() @ zi)
             gz = torch.cat(gz, dim=1)
-            dA = gz.t() @ x
+            dA = _down_grad(gz, x, ctx.p, seed)
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = gz @ A
-                for g, W in zip(gs, weights):
+                dx = dropped(gz @ A, ctx.p, seed)
+                for g, W, Ac, Bc in zip(gs, weights, Acs, Bcs):
                     if g is not None:
+                        if Ac is not None:
+                            dx.addmm_(g @ Bc, Ac)
                         dx.addmm_(g, W)
-        return (dx, dA) + tuple(grad for dB in dBs for grad in (None, None, dB))
+        return (dx, dA, None, None) + tuple(grad for dB in dBs for grad in (None, None, dB, None, None))
 
 
-def shared_input_low_rank(bases, x: torch.Tensor, factors) -> tuple:
-    """The outputs of adapted linears sharing x: bases their frozen nn.Linears, factors their (A, B)."""
+def shared_input_low_rank(bases, x: torch.Tensor, factors, p: float = 0.0, frozen=None) -> tuple:
+    """The outputs of adapted linears sharing x: bases their frozen nn.Linears, factors their (A, B),
+    p their dropout (one mask for all, a fresh seed per call), frozen their committed links
+    ((A_c, B_c) in x's dtype, or None; per linear)."""
     A = torch.cat([a for a, _ in factors])
-    rest = [t for base, (_, B) in zip(bases, factors) for t in (base.weight, base.bias, B)]
-    return SharedInputLowRank.apply(x, A, *rest)
+    frozen = frozen or [None] * len(bases)
+    rest = [t for base, (_, B), fz in zip(bases, factors, frozen)
+            for t in (base.weight, base.bias, B, *(fz or (None, None)))]
+    seed = new_seed(x.device) if p else None
+    return SharedInputLowRank.apply(x, A, p, seed, *rest)
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The router's softmax in at least float32 (float64 stays float64): promote_types as Python,
+    not a dispatched op per routed layer."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _routed_update(x, weight, bias, R, A, B, r: int, p: float, seed):
-    """RoutedLowRankLinear's forward maths: (out, probs, h)."""
+    """RoutedLowRankLinear's forward maths: (out, probs, h, RA), RA = [R; A] where one GEMM over x
+    computed the router and the A's (no dropout; backward reuses it), else None."""
     if p == 0.0:                                               # router and A's: one pass over x
-        logits, h = (x @ torch.cat([R, A]).t()).split([R.shape[0], A.shape[0]], dim=1)
+        RA = torch.cat([R, A])
+        logits, h = (x @ RA.t()).split([R.shape[0], A.shape[0]], dim=1)
     else:
-        logits, h = x @ R.t(), dropped(x, p, seed) @ A.t()
-    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-    h = h.contiguous().view(x.shape[0], -1, r)
+        RA, (logits, h) = None, (x @ R.t(), dropped(x, p, seed) @ A.t())
+    probs = torch.softmax(logits, dim=-1, dtype=_softmax_dtype(x.dtype))
+    h = h.view(x.shape[0], -1, r)                              # columns of x [R; A]^T: a view, no copy
     del logits
     out = _update_and_base((probs.to(h.dtype).unsqueeze(-1) * h).flatten(1), B, x, weight, bias)
-    return out, probs, h
+    return out, probs, h, RA
 
 
 def _routed_small_grads(g, g_probs, B, h, probs, r: int):
     """(dB, [d_logits | d_h]): what needs neither x nor dx. The two gradients side by side, as the
-    router and the A's sit side by side in one GEMM without dropout."""
+    router and the A's sit side by side in one GEMM without dropout. g_probs None: probs unused
+    (HydraLoRA), no zeros materialised for it."""
     gate = probs.to(h.dtype).unsqueeze(-1)                     # (T, E, 1)
     weighted = (gate * h).flatten(1)                           # (T, E r)
     dB = g.t() @ weighted
@@ -268,10 +295,10 @@ def _routed_small_grads(g, g_probs, B, h, probs, r: int):
     return dB, torch.cat([d_logits, d_h.flatten(1)], dim=1)
 
 
-def _routed_input_grad(g, weight, R, A, d_both, p: float, seed):
+def _routed_input_grad(g, weight, R, A, RA, d_both, p: float, seed):
     """dx = g W + d_logits R + drop(d_h A), in one buffer."""
     if p == 0.0:
-        return (d_both @ torch.cat([R, A])).addmm_(g, weight)
+        return (d_both @ RA).addmm_(g, weight)
     d_logits, d_h = d_both.split([R.shape[0], A.shape[0]], dim=1)
     return _input_grad(g, weight, d_h, A, p, seed).addmm_(d_logits, R)
 
@@ -284,6 +311,11 @@ def _routed_weight_grads(x, R, A, d_both, p: float, seed):
     return d_logits.t() @ x, _down_grad(d_h, x, p, seed)
 
 
+def _output_grad(g, weight, h):
+    """The output's gradient; zeros where only probs were used (grads are not materialised)."""
+    return g if g is not None else weight.new_zeros(h.shape[0], weight.shape[0])
+
+
 class RoutedLowRankLinear(torch.autograd.Function):
     """HydraLoRA and MoLE: a per-token softmax over E heads mixes low-rank updates.
 
@@ -291,23 +323,26 @@ class RoutedLowRankLinear(torch.autograd.Function):
         out = x W^T + b + sum_e probs[:, e] * h[:, e or 0] B_e^T      (B = [B_1 .. B_E], scaled)
 
     G = 1 (HydraLoRA: one shared A for every head) or E (MoLE: one A per expert). Returns
-    (out, probs): probs carries MoLE's balance-loss gradient back in. The router reads the
-    undropped x, as the official code does. dx = g W + d_logits R + d_h A in one buffer.
+    (out, probs): probs carries MoLE's balance-loss gradient back in (HydraLoRA's is unused: its
+    gradient stays None, not materialised zeros). The router reads the undropped x, as the official
+    code does. dx = g W + d_logits R + d_h A in one buffer.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, R, A, B, r, p, seed):
-        out, probs, h = _routed_update(x, weight, bias, R, A, B, r, p, seed)
+        out, probs, h, RA = _routed_update(x, weight, bias, R, A, B, r, p, seed)
         ctx.p, ctx.r = p, r
-        ctx.save_for_backward(x, weight, R, A, B, h, probs, _seed(p, seed, x))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, R, A, RA, B, h, probs, _seed(p, seed, x))
         return out, probs
 
     @staticmethod
     def backward(ctx, g, g_probs):
-        x, weight, R, A, B, h, probs, seed = ctx.saved_tensors
+        x, weight, R, A, RA, B, h, probs, seed = ctx.saved_tensors
+        g = _output_grad(g, weight, h)
         dB, d_both = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
         dR, dA = _routed_weight_grads(x, R, A, d_both, ctx.p, seed)
-        dx = _routed_input_grad(g, weight, R, A, d_both, ctx.p, seed) if ctx.needs_input_grad[0] else None
+        dx = _routed_input_grad(g, weight, R, A, RA, d_both, ctx.p, seed) if ctx.needs_input_grad[0] else None
         return dx, None, None, dR, dA, dB, None, None, None
 
 
@@ -318,17 +353,19 @@ class GatedRoutedLowRankMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, R, A, B, r, p, seed):
         x = gated_act.forward(gate, up)
-        out, probs, h = _routed_update(x, weight, bias, R, A, B, r, p, seed)
+        out, probs, h, RA = _routed_update(x, weight, bias, R, A, B, r, p, seed)
         del x
         ctx.p, ctx.r = p, r
-        ctx.save_for_backward(gate, up, weight, R, A, B, h, probs, _seed(p, seed, gate))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(gate, up, weight, R, A, RA, B, h, probs, _seed(p, seed, gate))
         return out, probs
 
     @staticmethod
     def backward(ctx, g, g_probs):
-        gate, up, weight, R, A, B, h, probs, seed = ctx.saved_tensors
+        gate, up, weight, R, A, RA, B, h, probs, seed = ctx.saved_tensors
+        g = _output_grad(g, weight, h)
         dB, d_both = _routed_small_grads(g, g_probs, B, h, probs, ctx.r)
-        dx = _routed_input_grad(g, weight, R, A, d_both, ctx.p, seed)
+        dx = _routed_input_grad(g, weight, R, A, RA, d_both, ctx.p, seed)
         x, dgate, dup = gated_act.backward(gate, up, dx)       # x again, for dR and dA
         dR, dA = _routed_weight_grads(x, R, A, d_both, ctx.p, seed)
         return dgate, dup, None, None, dR, dA, dB, None, None, None

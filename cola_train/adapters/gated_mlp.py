@@ -64,7 +64,8 @@ class FusedGatedMLP(nn.Module):
         return mlp
 
     def extra_repr(self) -> str:
-        return f"replaces={type(self.__dict__['_replaced']).__name__}"
+        return (f"replaces={type(self.__dict__['_replaced']).__name__}"
+                + instance_forward.mask_repr([self.gate_proj, self.up_proj]))
 
 
 def _parents(model: nn.Module):

@@ -20,3 +20,15 @@ def together(modules: Sequence[nn.Module], x: torch.Tensor) -> Optional[List[tor
     """[m(x) for m in modules] from one shared_input_forward call, or None where they cannot share
     (can_share) or that call declines."""
     return type(modules[0]).shared_input_forward(modules, x) if can_share(modules) else None
+
+
+def mask_repr(modules: Sequence[nn.Module]) -> str:
+    """", dropout_mask=shared|per_layer" for siblings with dropout that could share their input
+    (how their masks are drawn: Kernels.dropout_mask), else ""."""
+    if not can_share(modules):
+        return ""
+    kernels = getattr(modules[0], "kernels", None)
+    dropout = getattr(modules[0], "dropout", None)
+    if kernels is None or not getattr(dropout, "p", 0.0):
+        return ""
+    return f", dropout_mask={kernels.dropout_mask}"

@@ -7,8 +7,9 @@ is (d_out, n, r), so [A_1; ..; A_m] and [B_1 .. B_n] are free reshapes; A_i = lo
 B_j = lora_B[:, j]. A routed combiner's router lives on the layer under its saved name.
 
 The forward, in order (the first that applies):
-  * in a group of siblings reading one input (q/k/v, shared_qkv.SharedInputGroup): the group's
-    one fused call;
+  * in a group of siblings reading one input (q/k/v, shared_qkv.SharedInputGroup; gate/up,
+    gated_mlp): the group's one fused call, with one dropout mask for the group where
+    kernels.dropout_mask is shared (method.dropout_mask, the default);
   * `impl=loop`, merged, extra arguments, or a routed layer on the fp32 path: the reference,
     base(x) + delta(x), with delta the per-pair formula (loop) or the plain product;
   * the fused kernels (fused_ops; `kernels.custom_backward`): `low_rank_linear` /
@@ -164,8 +165,8 @@ class LowRankLinear(nn.Module):
 
     def _routed_factors(self):
         """(router weight, [A_1; ..; A_G], [B_1 .. B_E] * s) as RoutedLowRankLinear takes them."""
-        return (self.combiner.router(self).weight, self.lora_A.reshape(-1, self.in_features),
-                self.lora_B.reshape(self.out_features, -1) * self.scaling)
+        A = self.lora_A if self.lora_A.dim() == 2 else self.lora_A.reshape(-1, self.in_features)  # shared A: as is
+        return self.combiner.router(self).weight, A, self.lora_B.reshape(self.out_features, -1) * self.scaling
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, up: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
@@ -317,24 +318,31 @@ class LowRankLinear(nn.Module):
     @classmethod
     def shared_input_forward(cls, layers: List["LowRankLinear"], x: torch.Tensor) -> Optional[List[torch.Tensor]]:
         """[layer(x) for layer in layers] through one fused_ops.SharedInputLowRank, or None where
-        that does not apply: in eager mode, static fused layers without dropout (each layer's own
-        mask would differ), hooks, or partitioned (ZeRO-3) parameters, whose gathering needs each
-        layer's own module call."""
+        that does not apply: in eager mode, static fused layers, without dropout or with one mask
+        for the group (kernels.dropout_mask=shared, one p), no hooks, no partitioned (ZeRO-3)
+        parameters, whose gathering needs each layer's own module call."""
         if torch.compiler.is_compiling():
             return None
         if not all(type(layer) is cls and layer._plain_fused_call() for layer in layers):
             return None
+        p = layers[0]._dropout_p()
+        if any(layer._dropout_p() != p for layer in layers):
+            return None
         x2 = x.reshape(-1, x.shape[-1])
-        factors = [layer._with_committed(*layer._compute_factors(x2)) for layer in layers]
+        factors = [layer._compute_factors(x2) for layer in layers]
+        if p == 0.0:   # the committed links join the grouped GEMMs (exact: they read the same x)
+            factors, frozen = [layer._with_committed(*f) for layer, f in zip(layers, factors)], None
+        else:          # they read the undropped x: each its own term
+            frozen = [layer._frozen(x2) for layer in layers]
         if not all(A.dtype == x2.dtype and fused_ops.can_fuse(layer.base_layer, x2, A, B)
                    for layer, (A, B) in zip(layers, factors)):
             return None
-        outs = fused_ops.shared_input_low_rank([layer.base_layer for layer in layers], x2, factors)
+        outs = fused_ops.shared_input_low_rank([layer.base_layer for layer in layers], x2, factors, p, frozen)
         return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 
     def _with_committed(self, A: torch.Tensor, B: torch.Tensor):
         """(A, B) with the committed links appended: [A; A_c], [B, B_c]. Exact without dropout
-        (the grouped call has none): the frozen rows only add their product and get no gradient."""
+        (then every row reads the same x): the frozen rows only add their product and get no gradient."""
         found = committed.factors(self)
         if found is None:
             return A, B
@@ -343,7 +351,8 @@ class LowRankLinear(nn.Module):
     def _plain_fused_call(self) -> bool:
         k = self.kernels
         return (k.group_shared_inputs and k.custom_backward and not k.fp32_path and self.can_share_input
-                and not self.merged and self.impl != "loop" and self._dropout_p() == 0.0
+                and not self.merged and self.impl != "loop"
+                and (k.dropout_mask == "shared" or self._dropout_p() == 0.0)
                 and not (self._forward_hooks or self._forward_pre_hooks)
                 and not any(hasattr(p, "ds_id") for p in self.parameters()))
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+DROPOUT_MASKS = ("shared", "per_layer")   # config.DropoutMask's values (spec.py checks the method config)
+
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
@@ -20,6 +22,16 @@ class Kernels:
     group_shared_inputs: bool = True
     # the low-rank path in fp32 next to half-precision activations (fp32_path.enable)
     fp32_path: bool = False
+    # dropout on siblings reading one input: "shared", one mask for the group's x, so the grouped
+    # GEMMs run with dropout too; "per_layer", each linear its own mask (as PEFT's layers do). Set
+    # from method.dropout_mask by attach_adapter. Where the grouped call does not run (fp32 path,
+    # ZeRO-3, impl=loop) every linear draws its own mask either way; regional_compile.compile_blocks
+    # sets per_layer (compiled blocks run each linear alone).
+    dropout_mask: str = "shared"
+
+    def __post_init__(self):
+        if self.dropout_mask not in DROPOUT_MASKS:
+            raise ValueError(f"unknown dropout_mask {self.dropout_mask!r} (known: {', '.join(DROPOUT_MASKS)})")
 
     def replace(self, **changes) -> "Kernels":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

@@ -6,8 +6,9 @@ it; the attention's own forward is untouched.
 How: the first member called on x computes all the members' outputs through
 LowRankLinear.shared_input_forward and keeps the others' for their own call on the same x
 (the same tensor object), which returns it. Where the grouped call does not apply (dropout,
-hooks, ZeRO-3 partitioned parameters, torch.compile tracing, another x) each member computes its
-own output as usual.
+hooks, ZeRO-3 partitioned parameters, torch.compile tracing, another x, dropout with
+method.dropout_mask=per_layer) each member computes its own output as usual. With dropout and
+dropout_mask=shared (the default) the members share one mask, shown in the repr.
 
 Why: apart, the three adapters each read x for z = x A^T and again for dA, each write an input
 gradient that autograd then sums; together it is one GEMM each way and one dx buffer
@@ -54,7 +55,7 @@ class SharedInputGroup(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return ", ".join(self.names)
+        return ", ".join(self.names) + instance_forward.mask_repr(self.members)
 
 
 def _shares_qkv(module: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping
 
 from torch import nn
 
-from cola_train.config import Impl, Init, Kind, MethodConfig, Pairing, Strategy, Svd, choices
+from cola_train.config import DropoutMask, Impl, Init, Kind, MethodConfig, Pairing, Strategy, Svd, choices
 
 # the choice lists are config.py's enums (one source); a chain is a schedule, not a layer kind
 KINDS = tuple(k for k in choices(Kind) if k != Kind.chain)
@@ -19,6 +19,7 @@ INITS = choices(Init)
 IMPLS = choices(Impl)
 PAIRINGS = choices(Pairing)   # pairing.RULES: the heuristic strategy's two definitions
 SVDS = choices(Svd)
+DROPOUT_MASKS = choices(DropoutMask)
 
 
 class AdapterError(ValueError):
@@ -68,6 +69,8 @@ def check_common(cfg: MethodConfig) -> None:
         raise AdapterError(f"unknown method.svd {cfg.svd!r} (expected one of {', '.join(SVDS)})")
     if not isinstance(cfg.svd_niter, int) or cfg.svd_niter < 0:
         raise AdapterError(f"method.svd_niter must be an integer >= 0, got {cfg.svd_niter!r}")
+    if cfg.dropout_mask not in DROPOUT_MASKS:
+        raise AdapterError(f"unknown method.dropout_mask {cfg.dropout_mask!r} (expected one of {', '.join(DROPOUT_MASKS)})")
     if cfg.impl not in IMPLS:
         raise AdapterError(f"unknown method.impl {cfg.impl!r} (expected one of {', '.join(IMPLS)})")
     for field in ("num_A", "num_B"):
