@@ -218,11 +218,11 @@ def test_a_run_saved_before_the_choice_resumes_as_per_layer():
     """Runs saved before method.dropout_mask existed drew one mask per linear: resuming one under
     the new default (shared) is a change the resume check names; per_layer continues it as is."""
     from conftest import compose
-    from omegaconf import OmegaConf
 
+    from cola_train.config import as_dict
     from cola_train.resume import differences
 
-    saved = OmegaConf.to_container(compose(["method=cola_heuristic"]), resolve=True)
+    saved = as_dict(compose(["method=cola_heuristic"]))
     del saved["method"]["dropout_mask"]
     assert differences(saved, compose(["method=cola_heuristic"])) == {"method.dropout_mask": ["per_layer", "shared"]}
     assert differences(saved, compose(["method=cola_heuristic", "method.dropout_mask=per_layer"])) == {}
