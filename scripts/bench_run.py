@@ -40,10 +40,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-METHODS = ["lora", "pissa", "cola_fully", "cola_random", "cola_heuristic", "hydralora", "lora_moe",
+METHODS = ["lora", "pissa", "cola_fully", "cola_random", "cola_heuristic", "hydralora", "lora_moe", "moelora",
            "chain_of_lora", "fft"]
-# each method's overrides beyond its own YAML: Chain of LoRA chains CoLA heuristic, as the issue asks
-EXTRA = {"chain_of_lora": ["method.base=cola_heuristic", "method.links=3"]}
+# each method's overrides beyond its own YAML: Chain of LoRA chains CoLA heuristic, as the issue asks;
+# MOELoRA needs a task per record: one data source is one task
+EXTRA = {"chain_of_lora": ["method.base=cola_heuristic", "method.links=3"],
+         "moelora": ["data.task_key=source", "method.num_tasks=1"]}
 # named override sets (--variants): `default` is the configs' defaults (trainer.attn_kernel=auto:
 # flash / memory-efficient attention, no cuDNN); the others change one host-cost option each
 VARIANTS = {
