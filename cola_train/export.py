@@ -55,6 +55,15 @@ def routed_method(model) -> str | None:
     return None
 
 
+def routed_by_task(model) -> bool:
+    """Whether the layers weight their experts by the sequence's task (MOELoRA): exportable once a
+    task is chosen (method.default_task), unlike a per-token router. Asked of the combiners."""
+    from . import adapters
+    from .adapters.io import unwrap
+
+    return any(hasattr(layer.combiner, "default_task") for layer in adapters.our_layers(unwrap(model)).values())
+
+
 def has_adapter(model) -> bool:
     """Whether the model's backend attached an adapter (full fine-tuning's has none): asked of
     the backend, not read off the method's kind."""
@@ -133,7 +142,7 @@ def export_run(run_dir: Path, to: str, out: Path | None = None, dtype: str = "fp
                           "choose another --out)")
     cfg, model, tokenizer = load_run(run_dir, overrides, dtype=torch.float32)
     routed = routed_method(model)
-    if routed and method_kind(model) == "moelora":
+    if routed and routed_by_task(model):
         raise ExportError(f"cannot export {routed} without a task: it weights its experts by each sequence's task; "
                           f"give the task the exported weights serve as method.default_task=<task id>")
     if routed:

@@ -39,8 +39,9 @@ def test_cola_paper_lr_sweep_is_the_protocol_times_three_lrs():
 
 def test_pissa_collapsed_preset_is_the_2_3_control():
     from cola_train.checks import validate
+    from cola_train.config import typed
 
-    cfg = compose(["model=tiny_llama", "method=pissa_collapsed"])
+    cfg = typed(compose(["model=tiny_llama", "method=pissa_collapsed"]))
     validate(cfg)
     m = cfg.method
     assert (m.kind, m.init, m.lr_scale_A, m.lr_scale_B, m.dropout) == ("peft", "pissa", 2.0, 3.0, 0.0)
